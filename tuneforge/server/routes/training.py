@@ -1,0 +1,136 @@
+"""Training: create_model, get_info, forward_backward, optim_step.
+
+Handlers validate what the request envelope names (session, model, owner), then submit a job to
+the scheduler and answer with a future at once. Everything about the content (token ids,
+shapes, limits, hyperparameters) is checked inside the job, in `seq_id` order, so a bad request
+fails only its own future and the training client stays usable.
+"""
+
+from __future__ import annotations
+
+import anyio.to_thread
+from fastapi import APIRouter, Request
+from tinker import types
+
+from tuneforge.engine import optim
+from tuneforge.engine.lora import LoRAConfig
+from tuneforge.errors import Unsupported, UserError
+from tuneforge.server import wire
+from tuneforge.server.deps import JsonBody, Owner, State, future_answer
+from tuneforge.server.state import ServerState
+from tuneforge.storage.db import TrainingRunRow, utcnow
+
+router = APIRouter(prefix="/api/v1")
+
+
+def model_id_for(session_id: str, model_seq_id: int) -> str:
+    return f"{session_id}:train:{model_seq_id}"
+
+
+def register_run(state: ServerState, model_id: str, session_id: str, owner: str,
+                 base_model: str, lora: LoRAConfig, user_metadata: dict | None) -> None:
+    state.db.add(TrainingRunRow(
+        id=model_id, session_id=session_id, owner=owner, base_model=base_model,
+        lora_rank=lora.rank, train_attn=lora.train_attn, train_mlp=lora.train_mlp,
+        train_unembed=lora.train_unembed, seed=lora.seed,
+        user_metadata={str(k): str(v) for k, v in (user_metadata or {}).items()}))
+    state.model_owners[model_id] = owner
+
+
+def check_optimizer_config(config: types.OptimizerConfig | None) -> None:
+    if config is not None and config.type != "adamw":
+        raise Unsupported(f"optimizer_config.type {config.type!r} is not supported (only 'adamw')")
+
+
+@router.post("/create_model")
+def create_model(state: State, owner: Owner, body: JsonBody) -> dict:
+    req = wire.parse(types.CreateModelRequest, body, "create_model")
+    state.session(req.session_id, owner)
+    model_id = model_id_for(req.session_id, req.model_seq_id)
+
+    def submit():
+        fut = state.futures.create("CreateModel", owner, model_id)
+        state.scheduler.open_model(model_id)
+
+        def job() -> dict:
+            check_optimizer_config(req.optimizer_config)
+            lc = req.lora_config or types.LoraConfig(rank=32)
+            config = LoRAConfig(rank=lc.rank, alpha=state.settings.lora_alpha,
+                                train_attn=lc.train_attn, train_mlp=lc.train_mlp,
+                                train_unembed=lc.train_unembed, seed=lc.seed)
+            tm = state.engine.create_model(model_id, req.base_model, config)
+            register_run(state, model_id, req.session_id, owner, tm.base.name, config,
+                         req.user_metadata)
+            return {"model_id": model_id, "type": "create_model"}
+
+        return state.scheduler.submit(fut, job)
+
+    fut, _ = state.once(("create_model", model_id), submit)
+    return future_answer(fut)
+
+
+@router.post("/get_info")
+def get_info(state: State, owner: Owner, body: JsonBody) -> dict:
+    req = wire.parse(types.GetInfoRequest, body, "get_info")
+    state.check_model_owner(req.model_id, owner)
+    tm = state.engine.model(req.model_id)
+    return {
+        "type": "get_info",
+        "model_id": req.model_id,
+        "model_data": {"arch": tm.base.arch, "model_name": tm.base.name,
+                       "tokenizer_id": str(tm.base.tokenizer_dir)},
+        "is_lora": True,
+        "lora_rank": tm.adapter.config.rank,
+        "model_name": tm.base.name,
+        "optimizer_config": {"type": "adamw"},
+    }
+
+
+@router.post("/forward_backward")
+async def forward_backward(request: Request, state: State, owner: Owner) -> dict:
+    body = await request.body()
+    if len(body) > wire.MAX_BODY_BYTES:
+        raise UserError(f"forward_backward: body of {len(body)} bytes exceeds the limit "
+                        f"of {wire.MAX_BODY_BYTES}")
+    encoding = request.headers.get("content-encoding")
+    # Decoding is CPU work: keep it off the event loop.
+    return await anyio.to_thread.run_sync(_submit_forward_backward, state, owner, body, encoding)
+
+
+def _submit_forward_backward(state: ServerState, owner: str, body: bytes,
+                             encoding: str | None) -> dict:
+    msg = wire.parse_forward_backward(body, encoding)  # an unreadable envelope is a 400
+    request_type = "Forward" if msg.forward_only else "ForwardBackward"
+
+    def job() -> bytes:
+        inp = wire.forward_backward_input(msg)  # bad content fails this future, in order
+        return wire.encode_forward_backward(state.engine.forward_backward(msg.model_id, inp))
+
+    fut = state.submit_for_model(owner, msg.model_id, msg.seq_id, request_type, job)
+    return future_answer(fut)
+
+
+@router.post("/optim_step")
+def optim_step(state: State, owner: Owner, body: JsonBody) -> dict:
+    model_id, seq_id = wire.ordered_envelope(body, "optim_step")
+
+    def job() -> dict:
+        req = wire.parse(types.OptimStepRequest, body, "optim_step")
+        params = req.optim_params
+        if not isinstance(params, types.AdamParams):
+            raise Unsupported(f"optim_step: optimizer {getattr(params, 'type', '?')!r} is not "
+                              "supported (only Adam)")
+        hp = optim.AdamParams(
+            learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2,
+            eps=params.eps, weight_decay=params.weight_decay,
+            grad_clip_norm=params.grad_clip_norm)
+        metrics = state.engine.optim_step(model_id, hp)
+        with state.db.session() as s:
+            row = s.get(TrainingRunRow, model_id)
+            if row is not None:
+                row.last_request_time = utcnow()
+        return {"metrics": metrics, "type": "optim_step"}
+
+    fut = state.submit_for_model(owner, model_id, seq_id, "OptimStep", job)
+    return future_answer(fut)
+

@@ -1,0 +1,155 @@
+"""The server's components, built once from `Settings`, and owner-scoped lookups.
+
+Lookups raise `NotFound` both for what does not exist and for what belongs to another key, so
+one key can never learn whether another key's run or checkpoint exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+
+import torch
+
+from tuneforge.engine.engine import Engine
+from tuneforge.engine.models import ModelRegistry, pick_device
+from tuneforge.errors import Gone, NotFound, UserError
+from tuneforge.scheduler.futures import Future, FutureStore
+from tuneforge.scheduler.queue import Scheduler
+from tuneforge.server.auth import KeyStore, ensure_default_key
+from tuneforge.settings import Settings
+from tuneforge.storage.db import CheckpointRow, Database, SamplerRow, SessionRow, TrainingRunRow
+from tuneforge.storage.paths import DataPaths
+
+logger = logging.getLogger(__name__)
+
+_DEDUPE_LIMIT = 65536
+
+
+class ServerState:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.paths = DataPaths(settings.data_dir)
+        self.paths.ensure()
+        self.default_key = ensure_default_key(self.paths.api_key_file)
+        self.keys = KeyStore([self.default_key, *settings.api_keys])
+        self.db = Database(settings.db_url)
+        models_dir = settings.models_dir or self.paths.models
+        self.registry = ModelRegistry(models_dir, pick_device(settings.device),
+                                      aliases=settings.model_aliases)
+        self.engine = Engine(self.registry, settings.limits, lora_alpha=settings.lora_alpha,
+                             max_lora_rank=settings.max_lora_rank, precision=settings.precision,
+                             spill_dir=self.paths.samplers,
+                             max_resident_samplers=settings.max_resident_samplers)
+        self.futures = FutureStore(ttl_seconds=settings.result_ttl_seconds)
+        self.scheduler = Scheduler(self.futures, on_thread_start=self._pin_threads)
+        self.model_owners: dict[str, str] = {}
+        # idempotency for requests that are not ordered by seq_id: key -> future
+        self._dedupe: OrderedDict[tuple, Future] = OrderedDict()
+        self._dedupe_lock = threading.Lock()
+
+    def _pin_threads(self) -> None:
+        if self.settings.num_threads:
+            torch.set_num_threads(self.settings.num_threads)
+
+    def start(self) -> None:
+        self._pin_threads()
+        self.scheduler.start()
+        for name in self.settings.preload_models:
+            self.registry.get(name)
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+        self.db.close()
+
+    # ---- idempotent submission ----------------------------------------------------------------
+
+    def once(self, key: tuple, create) -> tuple[Future, bool]:
+        """The future already submitted under `key`, or a new one from `create()`.
+
+        Returns `(future, is_new)`.
+        """
+        with self._dedupe_lock:
+            existing = self._dedupe.get(key)
+            if existing is not None:
+                return existing, False
+            fut = create()
+            self._dedupe[key] = fut
+            while len(self._dedupe) > _DEDUPE_LIMIT:
+                self._dedupe.popitem(last=False)
+            return fut, True
+
+    def release_session(self, session_id: str, owner: str) -> None:
+        """Free the memory of a finished session's models and samplers (on the engine thread).
+
+        Checkpoints stay: `create_training_client_from_state` brings a run back."""
+        prefix = f"{session_id}:"
+        for model_id in [m for m in self.model_owners if m.startswith(prefix)]:
+            del self.model_owners[model_id]
+            self.scheduler.close_model(model_id)
+
+        def job() -> dict:
+            self.engine.drop_session(session_id)
+            return {}
+
+        self.scheduler.submit(self.futures.create("ReleaseSession", owner), job)
+
+    # ---- owner-scoped lookups -----------------------------------------------------------------
+
+    def session(self, session_id: str, owner: str, active: bool = True) -> SessionRow:
+        row = self.db.get(SessionRow, session_id) if isinstance(session_id, str) else None
+        if row is None or row.owner != owner:
+            raise NotFound(f"session {session_id!r} not found")
+        if active and row.finished_at is not None:
+            raise Gone(f"session {session_id!r} is finished")
+        return row
+
+    def run(self, model_id: str, owner: str) -> TrainingRunRow:
+        row = self.db.get(TrainingRunRow, model_id)
+        if row is None or row.owner != owner:
+            raise NotFound(f"training run {model_id!r} not found")
+        return row
+
+    def check_model_owner(self, model_id: str, owner: str) -> None:
+        if self.model_owners.get(model_id) != owner:
+            raise NotFound(f"model_id {model_id!r} is not a training model on this server")
+
+    def submit_for_model(self, owner: str, model_id: str, seq_id: int, request_type: str,
+                         job) -> Future:
+        """Queue request `seq_id` of `model_id`; an unknown or foreign model fails its future."""
+        if self.model_owners.get(model_id) != owner:
+            fut = self.futures.create(request_type, owner, model_id)
+            self.futures.fail(fut, f"model_id {model_id!r} is not a training model on this "
+                                   "server", "user")
+            return fut
+        return self.scheduler.submit_ordered(model_id, seq_id, request_type, owner, job)
+
+    def checkpoint(self, tinker_path: str, owner: str) -> CheckpointRow:
+        parse_tinker_path(tinker_path)
+        row = self.db.get(CheckpointRow, tinker_path)
+        if row is None or row.owner != owner:
+            raise NotFound(f"checkpoint {tinker_path!r} not found")
+        return row
+
+    def sampler(self, sampler_id: str, owner: str) -> SamplerRow:
+        row = self.db.get(SamplerRow, sampler_id) if isinstance(sampler_id, str) else None
+        if row is None or row.owner != owner:
+            raise NotFound(f"sampler {sampler_id!r} not found")
+        return row
+
+
+def parse_tinker_path(path: str) -> tuple[str, str, str]:
+    """`tinker://{run_id}/{kind}/{name}` → (run_id, kind, name)."""
+    prefix = "tinker://"
+    if not isinstance(path, str) or not path.startswith(prefix):
+        raise UserError(f"path {path!r} is not a tinker:// path")
+    parts = path[len(prefix):].split("/")
+    if len(parts) != 3 or not all(parts):
+        raise UserError(f"path {path!r} must look like tinker://RUN_ID/KIND/NAME")
+    run_id, kind, name = parts
+    return run_id, kind, name
+
+
+def tinker_path(run_id: str, kind: str, name: str) -> str:
+    return f"tinker://{run_id}/{kind}/{name}"

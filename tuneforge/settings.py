@@ -1,0 +1,77 @@
+"""Server settings: one pydantic-settings object, read from `TUNEFORGE_*` env vars and CLI flags.
+
+Everything the server can be told lives here, validated once at start and printed once, so a
+misconfiguration fails before the first request instead of in the middle of a training run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Limits(BaseSettings):
+    """Per-request limits. A request over one fails with a message naming the limit."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNEFORGE_LIMIT_", extra="forbid")
+
+    max_datums_per_request: int = Field(1024, ge=1)
+    max_tokens_per_datum: int = Field(8192, ge=2)
+    max_tokens_per_request: int = Field(262_144, ge=2)
+    max_samples_per_request: int = Field(128, ge=1)
+    max_sample_tokens: int = Field(4096, ge=1)
+    max_topk_logprobs: int = Field(64, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything `tuneforge serve` can be told. Env prefix `TUNEFORGE_`."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path = Path("./data")
+    models_dir: Path | None = None
+    """Where built-in and converted base models are cached; default `data_dir/models`."""
+    database_url: str | None = None
+    """SQLAlchemy URL of the metadata database; default: a SQLite file in `data_dir`."""
+    api_keys: list[str] = Field(default_factory=list)
+    """Accepted API keys besides the one generated into `data_dir/api_key` on first start."""
+    preload_models: list[str] = Field(default_factory=lambda: ["tuneforge/tiny-qwen3"])
+    """Base models loaded at start (the default is the built-in offline tiny model)."""
+    model_aliases: dict[str, str] = Field(default_factory=dict)
+    """Serve a model under another name, e.g. {"Qwen/Qwen3-8B": "tuneforge/tiny-qwen3"}."""
+    num_threads: int = Field(0, ge=0)
+    """torch intra-op threads for the engine; 0 = all cores."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast for forward/backward (CPU and GPU). Never fp16 on CPU."""
+    device: str = "auto"
+    lora_alpha: float = Field(32.0, gt=0)
+    """LoRA alpha; the scaling applied to an adapter of rank r is alpha / r (Tinker uses 32)."""
+    max_lora_rank: int = Field(128, ge=1)
+    max_resident_samplers: int = Field(32, ge=1)
+    """Sampler weights kept in memory; older snapshots are written to disk and reloaded."""
+    long_poll_seconds: float = Field(20.0, gt=0, lt=45)
+    """How long retrieve_future holds a request for a result; the SDK times out at 45 s."""
+    result_ttl_seconds: float = Field(3600.0, gt=0)
+    """How long a finished future's result is kept after it completes."""
+    fwdbwd_max_chunk_len: int = Field(256, ge=1)
+    """Datums per forward_backward request that the SDK is told to send at most."""
+    limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("data_dir", "models_dir")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return v.expanduser().resolve() if v is not None else None
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'tuneforge.db'}"
+
+    def summary(self) -> str:
+        shown = self.model_dump(exclude={"api_keys"})
+        shown["api_keys"] = f"{len(self.api_keys)} configured"
+        return ", ".join(f"{k}={v}" for k, v in shown.items())
