@@ -165,10 +165,10 @@ def main() -> None:
           f"{(1 - ratio_engine) * 100:.1f}% of a step)")
     print(f"engine / peft = {tps['engine'] / tps['peft']:.3f}")
     if args.record:
-        line = (f"| {dt.date.today().isoformat()} | step_overhead | {args.model} | "
-                f"{args.batch}x{args.seq}, r{args.rank}, {args.threads} thr | "
-                f"peft {tps['peft']:.0f} / engine {tps['engine']:.0f} / sdk {tps['sdk']:.0f} "
-                f"tok/s | sdk/peft {ratio_peft:.2f}, sdk/engine {ratio_engine:.2f} |\n")
+        line = (f"| {dt.date.today().isoformat()} | {args.model} | {args.batch}x{args.seq}, "
+                f"r{args.rank}, {args.threads} thr, {args.rounds}x{args.steps} steps | "
+                f"{tps['peft']:.0f} / {tps['engine']:.0f} / {tps['sdk']:.0f} | "
+                f"{ratio_peft:.2f} | {ratio_engine:.2f} |\n")
         with open(REPO / "bench" / "RESULTS.md", "a") as f:
             f.write(line)
 

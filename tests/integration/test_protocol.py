@@ -94,7 +94,7 @@ def test_handshake_answers(http):
     assert http.get("/healthz").json()["status"] == "ok"
 
 
-def test_finished_session_rejects_heartbeats_and_new_work(server):
+def test_finished_session_rejects_heartbeats_and_new_work(server, http):
     with tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key) as sc:
         tc = sc.create_lora_training_client(base_model=MODEL, rank=4).result()
         session_id = tc.model_id.split(":train:")[0]
@@ -108,3 +108,6 @@ def test_finished_session_rejects_heartbeats_and_new_work(server):
     assert r.status_code == 410 and "finished" in r.json()["detail"]
     listed = httpx.get(f"{server.base_url}/api/v1/sessions/{session_id}", headers=headers).json()
     assert listed["training_run_ids"] == [tc.model_id]
+    # the finished session's model was released: its requests fail
+    failed = result(http, submit_fwdbwd(http, tc.model_id, 1, forward_only=True)).json()
+    assert "not a training model" in failed["error"]

@@ -189,3 +189,22 @@ def test_forward_backward_custom_gets_signed_weights_right(service_client):
                                                     rel=1e-4)
     tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     assert tc.forward([d], "cross_entropy").result().metrics["loss:sum"] < before
+
+
+@pytest.mark.parametrize("flags, modules", [
+    (dict(train_attn=True, train_mlp=False, train_unembed=False),
+     ["k_proj", "o_proj", "q_proj", "v_proj"]),
+    (dict(train_attn=False, train_mlp=True, train_unembed=True),
+     ["down_proj", "gate_proj", "lm_head", "up_proj"]),
+])
+def test_lora_switches_choose_the_adapted_modules(service_client, server, flags, modules):
+    import json
+
+    tc = service_client.create_lora_training_client(base_model=MODEL, rank=3, **flags).result()
+    path = tc.save_weights_for_sampler("targets").result().path
+    run, kind, name = path.removeprefix("tinker://").split("/")
+    config = json.loads((server.data_dir / "checkpoints" / run / kind / name /
+                         "adapter_config.json").read_text())
+    assert config["target_modules"] == modules
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (3, 32.0,
+                                                                                      MODEL)
