@@ -14,20 +14,23 @@ def _serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="run the Tinker-compatible server",
-        description="Run the Tinker-compatible server. Every option can also be set with an "
-        "environment variable TUNEFORGE_<NAME> (e.g. TUNEFORGE_PORT=8000).",
+        description="Run the Tinker-compatible server. Each option can also come from the "
+        "environment variable in brackets; more settings (limits, aliases, API keys) are "
+        "environment-only, see the README.",
     )
-    p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="TCP port (default 8000)")
-    p.add_argument("--data-dir", help="metadata database, checkpoints and models (default ./data)")
-    p.add_argument("--models-dir", help="cache of built-in/converted base models "
-                   "(default DATA_DIR/models)")
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1) [TUNEFORGE_HOST]")
+    p.add_argument("--port", type=int, help="TCP port (default 8000) [TUNEFORGE_PORT]")
+    p.add_argument("--data-dir", help="metadata database, checkpoints, API key and models "
+                   "(default ./data) [TUNEFORGE_DATA_DIR]")
+    p.add_argument("--models-dir", help="cache of built-in and converted base models "
+                   "(default DATA_DIR/models) [TUNEFORGE_MODELS_DIR]")
     p.add_argument("--preload", action="append", metavar="MODEL",
                    help="base model to load at start; repeat for several "
-                   "(default: tuneforge/tiny-qwen3)")
-    p.add_argument("--threads", type=int,
-                   help="torch threads for the engine (default: all cores)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="default fp32")
+                   "(default: tuneforge/tiny-qwen3) [TUNEFORGE_PRELOAD_MODELS, a JSON list]")
+    p.add_argument("--threads", type=int, help="torch threads for the engine "
+                   "(default: all cores) [TUNEFORGE_NUM_THREADS]")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="fp32 (default) or bf16 autocast [TUNEFORGE_PRECISION]")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 

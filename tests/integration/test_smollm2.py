@@ -32,7 +32,7 @@ def chat_datum(tok, question: str, answer: str) -> types.Datum:
     )
 
 
-def test_sft_lowers_loss_and_samples_text(service_client):
+def test_sft_lowers_loss_and_samples_text(service_client, capsys):
     tc = service_client.create_lora_training_client(base_model=MODEL, rank=8, seed=0).result()
     tok = tc.get_tokenizer()
     assert tok.encode("Hello world") == [19556, 905]
@@ -44,7 +44,8 @@ def test_sft_lowers_loss_and_samples_text(service_client):
         opt = tc.optim_step(types.AdamParams(learning_rate=1e-3))
         losses.append(fb.result().metrics["loss:sum"] / n_tokens)
         opt.result()
-    print("per-token loss:", [round(x, 3) for x in losses])
+    with capsys.disabled():  # shown in the CI log, not only on failure
+        print("\nSmolLM2 SFT per-token loss:", [round(x, 3) for x in losses])
     assert losses[-1] < 0.7 * losses[0]
 
     sampler = tc.save_weights_and_get_sampling_client().result()
@@ -55,7 +56,8 @@ def test_sft_lowers_loss_and_samples_text(service_client):
                          types.SamplingParams(max_tokens=24, temperature=0.0)).result()
     seq = res.sequences[0]
     text = tok.decode(seq.tokens, skip_special_tokens=True)
-    print("sampled:", repr(text), seq.stop_reason)
+    with capsys.disabled():
+        print("SmolLM2 after SFT, 'What do bees make?' ->", repr(text), f"({seq.stop_reason})")
     assert text.strip()
     if seq.stop_reason == "stop":
         assert seq.tokens[-1] == tok.convert_tokens_to_ids("<|im_end|>")

@@ -107,3 +107,25 @@ def test_microbatched_request_equals_single_pass(engine, monkeypatch):
     for p, q in zip(engine.model("one").adapter.parameters(),
                     engine.model("many").adapter.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5 * float(q.grad.abs().max()), rtol=0)
+
+
+def test_bf16_autocast_stays_close_to_fp32(registry):
+    from tuneforge.engine.engine import Engine
+    from tuneforge.settings import Limits
+
+    data = random_data(5, False)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        eng = Engine(registry, Limits(), precision=precision)
+        tm = eng.create_model("p", MODEL, LoRAConfig(rank=4, alpha=32.0, seed=0))
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for b in tm.adapter.B.values():
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
+        out = eng.forward_backward("p", ForwardBackwardInput(data=data, loss_fn="cross_entropy"))
+        grads = torch.cat([p.grad.flatten() for p in tm.adapter.parameters()])
+        results[precision] = (out.metrics["loss:sum"], grads)
+    (loss32, g32), (loss16, g16) = results["fp32"], results["bf16"]
+    assert loss16 == pytest.approx(loss32, rel=2e-2)
+    assert torch.isfinite(g16).all()
+    assert float(torch.nn.functional.cosine_similarity(g32, g16.float(), dim=0)) > 0.99

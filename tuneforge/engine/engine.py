@@ -55,7 +55,6 @@ class Engine:
         self,
         registry: ModelRegistry,
         limits: Limits,
-        lora_alpha: float = 32.0,
         max_lora_rank: int = 128,
         precision: str = "fp32",
         spill_dir: Path | None = None,
@@ -63,7 +62,6 @@ class Engine:
     ) -> None:
         self.registry = registry
         self.limits = limits
-        self.lora_alpha = lora_alpha
         self.max_lora_rank = max_lora_rank
         self.precision = precision
         self.models: dict[str, TrainingModel] = {}

@@ -38,7 +38,7 @@ class ServerState:
         models_dir = settings.models_dir or self.paths.models
         self.registry = ModelRegistry(models_dir, pick_device(settings.device),
                                       aliases=settings.model_aliases)
-        self.engine = Engine(self.registry, settings.limits, lora_alpha=settings.lora_alpha,
+        self.engine = Engine(self.registry, settings.limits,
                              max_lora_rank=settings.max_lora_rank, precision=settings.precision,
                              spill_dir=self.paths.samplers,
                              max_resident_samplers=settings.max_resident_samplers)

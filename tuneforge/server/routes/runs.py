@@ -51,21 +51,21 @@ def run_json(state: ServerState, row: TrainingRunRow) -> dict:
     }
 
 
-def _page(limit: int, offset: int) -> tuple[int, int]:
+def _page(state: ServerState, row_type, owner: str, limit: int, offset: int) -> tuple[list, dict]:
+    """One page of the caller's rows of `row_type`, newest first, and its cursor."""
     if limit < 1 or limit > 1000 or offset < 0:
         raise UserError("limit must be in [1, 1000] and offset >= 0")
-    return limit, offset
+    where = row_type.owner == owner
+    rows = state.db.select(select(row_type).where(where)
+                           .order_by(row_type.created_at.desc()).limit(limit).offset(offset))
+    total = state.db.select(select(func.count()).select_from(row_type).where(where))[0]
+    return rows, {"offset": offset, "limit": limit, "total_count": total}
 
 
 @router.get("/training_runs")
 def list_runs(state: State, owner: Owner, limit: int = 20, offset: int = 0) -> dict:
-    limit, offset = _page(limit, offset)
-    where = TrainingRunRow.owner == owner
-    rows = state.db.select(select(TrainingRunRow).where(where)
-                           .order_by(TrainingRunRow.created_at.desc()).limit(limit).offset(offset))
-    total = state.db.select(select(func.count()).select_from(TrainingRunRow).where(where))[0]
-    return {"training_runs": [run_json(state, r) for r in rows],
-            "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+    rows, cursor = _page(state, TrainingRunRow, owner, limit, offset)
+    return {"training_runs": [run_json(state, r) for r in rows], "cursor": cursor}
 
 
 @router.get("/training_runs/{run_id}")
@@ -83,13 +83,8 @@ def list_run_checkpoints(run_id: str, state: State, owner: Owner) -> dict:
 
 @router.get("/checkpoints")
 def list_checkpoints(state: State, owner: Owner, limit: int = 100, offset: int = 0) -> dict:
-    limit, offset = _page(limit, offset)
-    where = CheckpointRow.owner == owner
-    rows = state.db.select(select(CheckpointRow).where(where)
-                           .order_by(CheckpointRow.created_at.desc()).limit(limit).offset(offset))
-    total = state.db.select(select(func.count()).select_from(CheckpointRow).where(where))[0]
-    return {"checkpoints": [checkpoint_json(r) for r in rows],
-            "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+    rows, cursor = _page(state, CheckpointRow, owner, limit, offset)
+    return {"checkpoints": [checkpoint_json(r) for r in rows], "cursor": cursor}
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
