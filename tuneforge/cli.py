@@ -1,4 +1,10 @@
-"""`tuneforge` command line: `serve` starts the server."""
+"""`tuneforge` command line.
+
+    tuneforge serve                      run the server
+    tuneforge keys create|list|revoke    manage API keys (stored hashed)
+    tuneforge export CHECKPOINT --to DIR [--merged]
+    tuneforge import ADAPTER_DIR --base-model NAME --name NAME
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,9 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
+from tuneforge.errors import TuneforgeError
 from tuneforge.settings import Settings
 
 
@@ -34,14 +42,79 @@ def _serve_parser(sub) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def _data_dir_option(p) -> None:
+    p.add_argument("--data-dir", help="the server's data directory (default ./data) "
+                   "[TUNEFORGE_DATA_DIR]")
+    p.add_argument("--models-dir", help="base-model cache (default DATA_DIR/models) "
+                   "[TUNEFORGE_MODELS_DIR]")
+
+
+def _admin_parsers(sub) -> None:
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action",
+                                                                           required=True)
+    create = keys.add_parser("create", help="create a key; it is printed once")
+    create.add_argument("--name", default="", help="a note to recognise the key by")
+    create.add_argument("--admin", action="store_true", help="the key sees and manages all runs")
+    _data_dir_option(create)
+    _data_dir_option(keys.add_parser("list", help="list keys (ids, names, state)"))
+    revoke = keys.add_parser("revoke", help="revoke a key; it is refused at once")
+    revoke.add_argument("key_id", help="the key's id (key-...), as `keys list` shows it")
+    _data_dir_option(revoke)
+
+    export = sub.add_parser("export", help="write a checkpoint as a PEFT adapter or merged model")
+    export.add_argument("checkpoint", help="tinker://RUN/KIND/NAME of this data directory, "
+                        "or a checkpoint folder")
+    export.add_argument("--to", required=True, type=Path, help="output folder (new or empty)")
+    export.add_argument("--merged", action="store_true",
+                        help="fold the adapter into the base model and write a full HF model")
+    _data_dir_option(export)
+
+    imp = sub.add_parser("import", help="register a PEFT LoRA adapter as a training checkpoint")
+    imp.add_argument("adapter", type=Path, help="folder with adapter_model.safetensors and "
+                     "adapter_config.json")
+    imp.add_argument("--base-model", required=True, help="base model the adapter was trained on")
+    imp.add_argument("--name", required=True, help="checkpoint name")
+    imp.add_argument("--key-id", help="owner key id (default: the data directory's admin key)")
+    _data_dir_option(imp)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _admin_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    return 2
+    try:
+        return _admin(args)
+    except TuneforgeError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from tuneforge import admin
+
+    overrides = {"data_dir": args.data_dir, "models_dir": args.models_dir}
+    data = admin.DataDir(Settings(**{k: v for k, v in overrides.items() if v is not None}))
+    if args.command == "keys" and args.action == "create":
+        key, row = data.keys.create(name=args.name, admin=args.admin)
+        print(f"{row.id}  {key}")
+        print("Keep the key: it is stored hashed and cannot be shown again.", file=sys.stderr)
+    elif args.command == "keys" and args.action == "list":
+        for row in data.keys.list():
+            state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+            role = "admin" if row.admin else "user"
+            print(f"{row.id}  {role:5s}  {state:24s}  {row.created_at:%Y-%m-%d %H:%M}  {row.name}")
+    elif args.command == "keys" and args.action == "revoke":
+        print(f"revoked {data.keys.revoke(args.key_id).id}")
+    elif args.command == "export":
+        print(admin.export(data, args.checkpoint, args.to, args.merged))
+    elif args.command == "import":
+        print(admin.import_adapter(data, args.adapter, args.base_model, args.name, args.key_id))
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -73,7 +146,8 @@ def serve(args: argparse.Namespace) -> int:
     base_url = f"http://{settings.host}:{settings.port}"
     print(f"tuneforge serving at {base_url}", flush=True)
     print(f"  TINKER_BASE_URL={base_url}", flush=True)
-    print(f"  TINKER_API_KEY={state.default_key}", flush=True)
+    if state.default_key:
+        print(f"  TINKER_API_KEY={state.default_key}", flush=True)
     server.run()
     return 0
 

@@ -52,6 +52,11 @@ class AuthError(TuneforgeError, PermissionError):
     category = "user"
 
 
+class Forbidden(TuneforgeError, PermissionError):
+    status = 403
+    category = "user"
+
+
 class EngineError(TuneforgeError, RuntimeError):
     """Something failed inside the engine that the request could not have prevented."""
 

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     lora_alpha: float = Field(32.0, gt=0)
     """LoRA alpha; the scaling applied to an adapter of rank r is alpha / r (Tinker uses 32)."""
     max_lora_rank: int = Field(128, ge=1)
+    max_models_per_key: int = Field(64, ge=1)
+    """Training models one API key may have loaded at once."""
     max_resident_samplers: int = Field(32, ge=1)
     """Sampler weights kept in memory; older snapshots are written to disk and reloaded."""
     long_poll_seconds: float = Field(20.0, gt=0, lt=45)

@@ -24,3 +24,13 @@ def server(tmp_path_factory, models_dir) -> Iterator[ServerProcess]:
 def service_client(server) -> Iterator[tinker.ServiceClient]:
     client = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
     yield client
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory) -> Iterator[str]:
+    """A throwaway PostgreSQL server (the `pgserver` wheel bundles its binaries)."""
+    import pgserver
+
+    pg = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
+    yield pg.get_uri().replace("postgresql://", "postgresql+psycopg2://", 1)
+    pg.cleanup()

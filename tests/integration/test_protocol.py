@@ -110,4 +110,5 @@ def test_finished_session_rejects_heartbeats_and_new_work(server, http):
     assert listed["training_run_ids"] == [tc.model_id]
     # the finished session's model was released: its requests fail
     failed = result(http, submit_fwdbwd(http, tc.model_id, 1, forward_only=True)).json()
-    assert "not a training model" in failed["error"]
+    assert "is not loaded" in failed["error"]
+    assert "create_training_client_from_state" in failed["error"]

@@ -8,11 +8,12 @@ and only added to the accumulated gradient once the whole request succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,15 @@ class Engine:
         logger.info("created %s on %s: rank %d, groups %s, %d LoRA parameters", model_id,
                     base.name, adapter.config.rank, adapter.config.groups, adapter.num_parameters())
         return tm
+
+    @contextlib.contextmanager
+    def undo_model_on_error(self, model_id: str) -> Iterator[None]:
+        """Forget a just-created model if the block that records it elsewhere fails."""
+        try:
+            yield
+        except BaseException:
+            self.models.pop(model_id, None)
+            raise
 
     def model(self, model_id: str) -> TrainingModel:
         tm = self.models.get(model_id)

@@ -196,3 +196,22 @@ def activate(router: Router, segments: list[Segment]) -> Iterator[None]:
         yield
     finally:
         router.segments = previous
+
+
+def merge_into(model: nn.Module, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor],
+               scaling: float) -> None:
+    """Fold an adapter into the weights of a plain (not injected) model: W += s * B @ A.
+
+    A tied `lm_head` gets its own weight first, so merging it leaves the embedding unchanged.
+    """
+    with torch.no_grad():
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        if "lm_head" in A and head is not None and head.weight is embed.weight:
+            head.weight = nn.Parameter(head.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+            if hasattr(model.config, "get_text_config"):
+                model.config.get_text_config().tie_word_embeddings = False
+        for path in A:
+            linear = model.get_submodule(path)
+            delta = scaling * (B[path].double() @ A[path].double())
+            linear.weight += delta.to(linear.weight.dtype)

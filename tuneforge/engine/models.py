@@ -92,16 +92,17 @@ class ModelRegistry:
         return list(self._loaded)
 
     def get(self, name: str) -> BaseModel:
-        if not isinstance(name, str) or not name or len(name) > 512:
-            raise UserError("base_model must be a non-empty string of at most 512 characters")
+        if (not isinstance(name, str) or not name or len(name) > 512
+                or any(ord(c) < 32 for c in name)):
+            raise UserError("base_model must be a non-empty string of at most 512 printable "
+                            "characters")
         with self._lock:
             if name not in self._loaded:
                 self._loaded[name] = self._load(name)
             return self._loaded[name]
 
     def _load(self, name: str) -> BaseModel:
-        target = self.aliases.get(name, name)
-        folder = self._resolve(target)
+        folder = self.resolve(name)
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -133,8 +134,9 @@ class ModelRegistry:
             device=self.device,
         )
 
-    def _resolve(self, name: str) -> Path:
+    def resolve(self, name: str) -> Path:
         """A local folder holding the model's HF files, building built-ins on first use."""
+        name = self.aliases.get(name, name)
         if name in BUILTIN_BUILDERS and (name != smollm2.NAME or smollm2.gguf_path()):
             folder = self.models_dir / safe_dirname(name)
             if not (folder / "config.json").exists():

@@ -13,7 +13,16 @@ from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.server.routes import client, futures, runs, sampling, sessions, training, weights
+from tuneforge.server.routes import (
+    client,
+    files,
+    futures,
+    runs,
+    sampling,
+    sessions,
+    training,
+    weights,
+)
 from tuneforge.server.routes.weights import delete_checkpoint
 from tuneforge.server.state import ServerState, parse_tinker_path
 from tuneforge.settings import Settings
@@ -39,7 +48,7 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
 
     app = FastAPI(title="tuneforge", version="0.1.0", lifespan=lifespan)
     app.state.tf = state
-    for module in (client, sessions, training, weights, sampling, futures, runs):
+    for module in (client, sessions, training, weights, sampling, futures, runs, files):
         app.include_router(module.router)
     _install_error_handlers(app)
     return app

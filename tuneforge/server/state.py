@@ -14,12 +14,14 @@ import torch
 
 from tuneforge.engine.engine import Engine
 from tuneforge.engine.models import ModelRegistry, pick_device
-from tuneforge.errors import Gone, NotFound, UserError
+from tuneforge.errors import Gone, LimitExceeded, NotFound, UserError
 from tuneforge.scheduler.futures import Future, FutureStore
 from tuneforge.scheduler.queue import Scheduler
-from tuneforge.server.auth import KeyStore, ensure_default_key
+from tuneforge.server.auth import register_default_key
 from tuneforge.settings import Settings
+from tuneforge.storage import recovery
 from tuneforge.storage.db import CheckpointRow, Database, SamplerRow, SessionRow, TrainingRunRow
+from tuneforge.storage.keys import KeyStore
 from tuneforge.storage.paths import DataPaths
 
 logger = logging.getLogger(__name__)
@@ -32,9 +34,11 @@ class ServerState:
         self.settings = settings
         self.paths = DataPaths(settings.data_dir)
         self.paths.ensure()
-        self.default_key = ensure_default_key(self.paths.api_key_file)
-        self.keys = KeyStore([self.default_key, *settings.api_keys])
         self.db = Database(settings.db_url)
+        self.keys = KeyStore(self.db)
+        self.default_key = register_default_key(self.paths.api_key_file, self.keys)
+        for key in settings.api_keys:
+            self.keys.add(key, name="TUNEFORGE_API_KEYS")
         models_dir = settings.models_dir or self.paths.models
         self.registry = ModelRegistry(models_dir, pick_device(settings.device),
                                       aliases=settings.model_aliases)
@@ -55,6 +59,9 @@ class ServerState:
 
     def start(self) -> None:
         self._pin_threads()
+        report = recovery.recover(self.db, self.paths)
+        if any(report.values()):
+            logger.warning("recovered the data directory after an unclean stop: %s", report)
         self.scheduler.start()
         for name in self.settings.preload_models:
             self.registry.get(name)
@@ -96,45 +103,67 @@ class ServerState:
         self.scheduler.submit(self.futures.create("ReleaseSession", owner), job)
 
     # ---- owner-scoped lookups -----------------------------------------------------------------
+    # Each raises NotFound both for what does not exist and for what another key owns.
+
+    def visible(self, row_owner: str, owner: str) -> bool:
+        return row_owner == owner or self.keys.is_admin(owner)
 
     def session(self, session_id: str, owner: str, active: bool = True) -> SessionRow:
         row = self.db.get(SessionRow, session_id) if isinstance(session_id, str) else None
-        if row is None or row.owner != owner:
+        if row is None or not self.visible(row.owner, owner):
             raise NotFound(f"session {session_id!r} not found")
         if active and row.finished_at is not None:
             raise Gone(f"session {session_id!r} is finished")
         return row
 
     def run(self, model_id: str, owner: str) -> TrainingRunRow:
-        row = self.db.get(TrainingRunRow, model_id)
-        if row is None or row.owner != owner:
+        row = self.db.get(TrainingRunRow, model_id) if isinstance(model_id, str) else None
+        if row is None or not self.visible(row.owner, owner):
             raise NotFound(f"training run {model_id!r} not found")
         return row
 
     def check_model_owner(self, model_id: str, owner: str) -> None:
-        if self.model_owners.get(model_id) != owner:
-            raise NotFound(f"model_id {model_id!r} is not a training model on this server")
+        loaded_by = self.model_owners.get(model_id)
+        if loaded_by is None or not self.visible(loaded_by, owner):
+            raise NotFound(self._not_loaded(model_id, owner))
+
+    def _not_loaded(self, model_id: str, owner: str) -> str:
+        row = self.db.get(TrainingRunRow, model_id) if isinstance(model_id, str) else None
+        if row is not None and self.visible(row.owner, owner):
+            return (f"training run {model_id!r} is not loaded: its session finished or the server "
+                    "restarted since it was created; continue it from a checkpoint with "
+                    "create_training_client_from_state")
+        return f"model_id {model_id!r} is not a training model on this server"
+
+    def check_model_quota(self, owner: str) -> None:
+        """Refuse one more loaded training model for `owner` past `max_models_per_key`."""
+        cap = self.settings.max_models_per_key
+        if sum(1 for o in self.model_owners.values() if o == owner) >= cap:
+            raise LimitExceeded(
+                f"this API key already has {cap} training models loaded, the limit "
+                f"max_models_per_key={cap}; finish a session (ServiceClient.close) to free them")
 
     def submit_for_model(self, owner: str, model_id: str, seq_id: int, request_type: str,
                          job) -> Future:
         """Queue request `seq_id` of `model_id`; an unknown or foreign model fails its future."""
-        if self.model_owners.get(model_id) != owner:
+        try:
+            self.check_model_owner(model_id, owner)
+        except NotFound as e:
             fut = self.futures.create(request_type, owner, model_id)
-            self.futures.fail(fut, f"model_id {model_id!r} is not a training model on this "
-                                   "server", "user")
+            self.futures.fail(fut, e.message, "user")
             return fut
         return self.scheduler.submit_ordered(model_id, seq_id, request_type, owner, job)
 
     def checkpoint(self, tinker_path: str, owner: str) -> CheckpointRow:
         parse_tinker_path(tinker_path)
         row = self.db.get(CheckpointRow, tinker_path)
-        if row is None or row.owner != owner:
+        if row is None or not self.visible(row.owner, owner):
             raise NotFound(f"checkpoint {tinker_path!r} not found")
         return row
 
     def sampler(self, sampler_id: str, owner: str) -> SamplerRow:
         row = self.db.get(SamplerRow, sampler_id) if isinstance(sampler_id, str) else None
-        if row is None or row.owner != owner:
+        if row is None or not self.visible(row.owner, owner):
             raise NotFound(f"sampler {sampler_id!r} not found")
         return row
 

@@ -8,6 +8,7 @@ fields; the protocol says to ignore them).
 
 from __future__ import annotations
 
+import json
 import math
 from typing import TypeVar
 
@@ -52,6 +53,20 @@ def _accepted_keys(model: type[pydantic.BaseModel]) -> set[str]:
         elif isinstance(alias, pydantic.AliasChoices):
             keys.update(c for c in alias.choices if isinstance(c, str))
     return keys
+
+
+MAX_METADATA_BYTES = 65536
+
+
+def check_metadata(value: object, field: str) -> dict:
+    """User metadata as stored: a JSON object of at most 64 KiB."""
+    if value is None:
+        return {}
+    size = len(json.dumps(value, default=str))
+    if not isinstance(value, dict) or size > MAX_METADATA_BYTES:
+        raise UserError(f"{field} must be a JSON object of at most {MAX_METADATA_BYTES} bytes "
+                        f"(got {size})")
+    return dict(value)
 
 
 def ordered_envelope(body: object, what: str) -> tuple[str, int]:

@@ -24,6 +24,16 @@ class Base(DeclarativeBase):
     pass
 
 
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class SessionRow(Base):
     __tablename__ = "sessions"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -95,6 +105,11 @@ class Database:
             yield s
 
     def get(self, row_type: type[Base], key: str):
+        """The row with primary key `key`, or None — also for keys no row could have (not a
+        string, too long for the column, or holding NUL, which PostgreSQL refuses outright)."""
+        length = row_type.__table__.primary_key.columns[0].type.length
+        if not isinstance(key, str) or "\x00" in key or (length and len(key) > length):
+            return None
         with self.session() as s:
             return s.get(row_type, key)
 

@@ -2,7 +2,8 @@
 
     data_dir/
       tuneforge.db            metadata (SQLite by default)
-      api_key                 the key generated on first start (mode 0600)
+      api_key                 the admin key generated on first start (mode 0600)
+      url_secret              signs download URLs of exported weights (mode 0600)
       models/                 built-in and converted base models (unless models_dir is set)
       checkpoints/<run>/<kind>/<name>/   one folder per checkpoint (see checkpoints.py)
       samplers/<sampler>/     in-memory sampler snapshots written out when evicted
@@ -20,7 +21,7 @@ from tuneforge.errors import UserError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$")
-CHECKPOINT_KINDS = ("weights", "sampler_weights")
+CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
 
 
 def check_name(name: str, field: str = "path") -> str:
@@ -51,6 +52,10 @@ class DataPaths:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def url_secret_file(self) -> Path:
+        return self.root / "url_secret"
 
     @property
     def samplers(self) -> Path:

@@ -23,7 +23,7 @@ router = APIRouter(prefix="/api/v1")
 async def retrieve_future(state: State, owner: Owner, body: JsonBody) -> Response:
     req = wire.parse(types.FutureRetrieveRequest, body, "retrieve_future")
     fut = state.futures.get(req.request_id)
-    if fut is None or fut.owner != owner:
+    if fut is None or not state.visible(fut.owner, owner):
         if state.futures.is_from_earlier_process(req.request_id):
             return JSONResponse({"error": "the server restarted after this request was "
                                           "submitted; its result is lost, submit it again",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from sqlalchemy import func, select
+from sqlalchemy import func, select, true
 
-from tuneforge.errors import UserError
+from tuneforge.errors import Unsupported, UserError
 from tuneforge.server.deps import JsonBody, Owner, State
-from tuneforge.server.routes.weights import delete_checkpoint
+from tuneforge.server.routes.weights import delete_checkpoint, expiry
 from tuneforge.server.state import ServerState, parse_tinker_path, tinker_path
 from tuneforge.storage.db import CheckpointRow, TrainingRunRow
 
@@ -55,7 +55,7 @@ def _page(state: ServerState, row_type, owner: str, limit: int, offset: int) -> 
     """One page of the caller's rows of `row_type`, newest first, and its cursor."""
     if limit < 1 or limit > 1000 or offset < 0:
         raise UserError("limit must be in [1, 1000] and offset >= 0")
-    where = row_type.owner == owner
+    where = true() if state.keys.is_admin(owner) else row_type.owner == owner
     rows = state.db.select(select(row_type).where(where)
                            .order_by(row_type.created_at.desc()).limit(limit).offset(offset))
     total = state.db.select(select(func.count()).select_from(row_type).where(where))[0]
@@ -93,6 +93,24 @@ def delete(run_id: str, kind: str, name: str, state: State, owner: Owner) -> Res
     state.checkpoint(path, owner)
     delete_checkpoint(state, path, state.paths.checkpoint(run_id, kind, name))
     return Response(status_code=204)
+
+
+@router.put("/training_runs/{run_id}/checkpoints/{kind}/{name}/ttl")
+def set_ttl(run_id: str, kind: str, name: str, state: State, owner: Owner,
+            body: JsonBody) -> Response:
+    path = tinker_path(run_id, kind, name)
+    state.checkpoint(path, owner)
+    expires = expiry(body.get("ttl_seconds"))
+    with state.db.session() as s:
+        s.get(CheckpointRow, path).expires_at = expires
+    return Response(status_code=204)
+
+
+@router.post("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
+@router.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
+def publish(run_id: str, kind: str, name: str, owner: Owner) -> None:
+    raise Unsupported("publishing checkpoints is not supported: this server keeps every "
+                      "checkpoint private to the API key that made it")
 
 
 @router.post("/weights_info")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter
-from sqlalchemy import select
+from sqlalchemy import select, true
 from tinker import types
 
 from tuneforge.server.deps import JsonBody, OptionalJsonBody, Owner, State
-from tuneforge.server.wire import parse
+from tuneforge.server.wire import check_metadata, parse
 from tuneforge.storage.db import SamplerRow, SessionRow, TrainingRunRow, utcnow
 
 router = APIRouter(prefix="/api/v1")
@@ -19,10 +19,11 @@ router = APIRouter(prefix="/api/v1")
 def create_session(state: State, owner: Owner, body: JsonBody) -> dict:
     req = parse(types.CreateSessionRequest, body, "create_session")
     session_id = f"s-{uuid.uuid4().hex}"
-    meta = dict(req.user_metadata or {})
+    meta = check_metadata(req.user_metadata, "user_metadata")
+    check_metadata({"tags": req.tags}, "tags")
     if req.display_name:
         meta.setdefault("display_name", req.display_name)
-    state.db.add(SessionRow(id=session_id, owner=owner, sdk_version=req.sdk_version,
+    state.db.add(SessionRow(id=session_id, owner=owner, sdk_version=req.sdk_version[:32],
                             tags=list(req.tags), user_metadata=meta))
     return {"session_id": session_id, "type": "create_session"}
 
@@ -54,7 +55,8 @@ def finish(session_id: str, state: State, owner: Owner, body: OptionalJsonBody =
 
 @router.get("/sessions")
 def list_sessions(state: State, owner: Owner, limit: int = 20, offset: int = 0) -> dict:
-    rows = state.db.select(select(SessionRow).where(SessionRow.owner == owner)
+    mine = true() if state.keys.is_admin(owner) else SessionRow.owner == owner
+    rows = state.db.select(select(SessionRow).where(mine)
                            .order_by(SessionRow.created_at.desc())
                            .limit(max(0, min(limit, 1000))).offset(max(0, offset)))
     return {"sessions": [r.id for r in rows]}

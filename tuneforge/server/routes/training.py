@@ -46,6 +46,7 @@ def check_optimizer_config(config: types.OptimizerConfig | None) -> None:
 def create_model(state: State, owner: Owner, body: JsonBody) -> dict:
     req = wire.parse(types.CreateModelRequest, body, "create_model")
     state.session(req.session_id, owner)
+    wire.check_metadata(req.user_metadata, "user_metadata")
     model_id = model_id_for(req.session_id, req.model_seq_id)
 
     def submit():
@@ -54,13 +55,15 @@ def create_model(state: State, owner: Owner, body: JsonBody) -> dict:
 
         def job() -> dict:
             check_optimizer_config(req.optimizer_config)
+            state.check_model_quota(owner)
             lc = req.lora_config or types.LoraConfig(rank=32)
             config = LoRAConfig(rank=lc.rank, alpha=state.settings.lora_alpha,
                                 train_attn=lc.train_attn, train_mlp=lc.train_mlp,
                                 train_unembed=lc.train_unembed, seed=lc.seed)
             tm = state.engine.create_model(model_id, req.base_model, config)
-            register_run(state, model_id, req.session_id, owner, tm.base.name, config,
-                         req.user_metadata)
+            with state.engine.undo_model_on_error(model_id):
+                register_run(state, model_id, req.session_id, owner, tm.base.name, config,
+                             req.user_metadata)
             return {"model_id": model_id, "type": "create_model"}
 
         return state.scheduler.submit(fut, job)

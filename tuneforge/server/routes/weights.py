@@ -7,7 +7,7 @@ import datetime as dt
 from fastapi import APIRouter
 from tinker import types
 
-from tuneforge.errors import NotFound, UserError
+from tuneforge.errors import NotFound, Unsupported, UserError
 from tuneforge.server import wire
 from tuneforge.server.deps import JsonBody, Owner, State, future_answer
 from tuneforge.server.routes.training import check_optimizer_config, model_id_for, register_run
@@ -21,13 +21,24 @@ router = APIRouter(prefix="/api/v1")
 MIN_TTL, MAX_TTL = 3600, 10 * 365 * 86400
 
 
+def expiry(ttl_seconds: int | None) -> dt.datetime | None:
+    """When a checkpoint with this TTL expires (None: never)."""
+    if ttl_seconds is None:
+        return None
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) \
+            or not MIN_TTL <= ttl_seconds <= MAX_TTL:
+        raise UserError(f"ttl_seconds must be an integer between {MIN_TTL} and {MAX_TTL}, "
+                        f"got {ttl_seconds!r}")
+    return utcnow() + dt.timedelta(seconds=ttl_seconds)
+
+
 def save_checkpoint(state: ServerState, owner: str, model_id: str, kind: str, name: str | None,
                     ttl_seconds: int | None, overwrite: bool, user_metadata: dict | None) -> str:
     """Write a checkpoint of `model_id` and record it; returns its tinker:// path."""
     tm = state.engine.model(model_id)
     name = check_name(name if name is not None else f"step-{tm.steps:06d}")
-    if ttl_seconds is not None and not MIN_TTL <= ttl_seconds <= MAX_TTL:
-        raise UserError(f"ttl_seconds must be between {MIN_TTL} and {MAX_TTL}, got {ttl_seconds}")
+    expires = expiry(ttl_seconds)
+    user_metadata = wire.check_metadata(user_metadata, "user_metadata")
     folder = state.paths.checkpoint(model_id, kind, name)
     path = tinker_path(model_id, kind, name)
     if state.db.get(CheckpointRow, path) is not None or folder.exists():
@@ -35,10 +46,9 @@ def save_checkpoint(state: ServerState, owner: str, model_id: str, kind: str, na
             raise UserError(f"checkpoint {path} already exists (pass overwrite=True to replace it)")
         delete_checkpoint(state, path, folder)
     size = state.engine.save(model_id, folder, kind, name, user_metadata)
-    expires = utcnow() + dt.timedelta(seconds=ttl_seconds) if ttl_seconds else None
     state.db.add(CheckpointRow(
         tinker_path=path, training_run_id=model_id, owner=owner, kind=kind, name=name,
-        size_bytes=size, user_metadata=dict(user_metadata or {}), expires_at=expires))
+        size_bytes=size, user_metadata=user_metadata, expires_at=expires))
     return path
 
 
@@ -91,6 +101,24 @@ def save_weights_for_sampler(state: State, owner: Owner, body: JsonBody) -> dict
     return future_answer(fut)
 
 
+@router.post("/save_weights_external")
+def save_weights_external(state: State, owner: Owner, body: JsonBody) -> dict:
+    model_id, seq_id = wire.ordered_envelope(body, "save_weights_external")
+
+    def job() -> dict:
+        req = wire.parse(types.SaveWeightsExternalRequest, body, "save_weights_external")
+        if req.age_encryption_recipients:
+            raise Unsupported("save_weights_external: age_encryption_recipients is not "
+                              "supported (exports are written unencrypted to the data directory)")
+        path = save_checkpoint(state, owner, model_id, "external_weights", req.path,
+                               req.ttl_seconds, True, None)
+        size = state.db.get(CheckpointRow, path).size_bytes
+        return {"path": path, "size_bytes": size, "type": "save_weights_external"}
+
+    fut = state.submit_for_model(owner, model_id, seq_id, "SaveWeightsExternal", job)
+    return future_answer(fut)
+
+
 @router.post("/load_weights")
 def load_weights(state: State, owner: Owner, body: JsonBody) -> dict:
     req = wire.parse(types.LoadWeightsRequest, body, "load_weights")
@@ -119,6 +147,7 @@ def _create_via_load(state: ServerState, owner: str, req: types.LoadWeightsReque
         raise UserError("load_weights: model_seq_id is required with session_id")
     state.session(req.session_id, owner)
     check_optimizer_config(req.optimizer_config)
+    wire.check_metadata(req.user_metadata, "user_metadata")
     model_id = model_id_for(req.session_id, req.model_seq_id)
 
     def submit():
@@ -128,9 +157,11 @@ def _create_via_load(state: ServerState, owner: str, req: types.LoadWeightsReque
         def job() -> dict:
             if not folder.exists():
                 raise NotFound(f"checkpoint {req.path} has no files on this server")
+            state.check_model_quota(owner)
             tm = state.engine.load_model(model_id, folder, req.optimizer, req.base_model)
-            register_run(state, model_id, req.session_id, owner, tm.base.name, tm.adapter.config,
-                         req.user_metadata)
+            with state.engine.undo_model_on_error(model_id):
+                register_run(state, model_id, req.session_id, owner, tm.base.name,
+                             tm.adapter.config, req.user_metadata)
             return {"model_id": model_id, "path": req.path, "type": "load_weights"}
 
         return state.scheduler.submit(fut, job)

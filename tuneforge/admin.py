@@ -1,0 +1,138 @@
+"""Operations on a data directory that need no running server: API keys, export, import.
+
+They work directly on the metadata database and the checkpoint files, so they also work while
+a server uses the same data directory (SQLite in WAL mode, or a shared database URL).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+from tuneforge.engine import lora
+from tuneforge.engine.models import ModelRegistry, pick_device
+from tuneforge.errors import Unsupported, UserError
+from tuneforge.server.auth import register_default_key
+from tuneforge.settings import Settings
+from tuneforge.storage import checkpoints
+from tuneforge.storage.db import CheckpointRow, Database, SessionRow, TrainingRunRow, utcnow
+from tuneforge.storage.keys import KeyStore, key_id
+from tuneforge.storage.paths import DataPaths, check_name
+
+# PEFT adapter_config fields we can honour, with the values we support.
+_PEFT_REQUIRED = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False,
+                  "use_dora": False, "use_rslora": False}
+
+
+class DataDir:
+    """The pieces of a data directory an offline operation needs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.paths = DataPaths(settings.data_dir)
+        self.paths.ensure()
+        self.db = Database(settings.db_url)
+        self.keys = KeyStore(self.db)
+        self.default_key = register_default_key(self.paths.api_key_file, self.keys)
+
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(self.settings.models_dir or self.paths.models,
+                             pick_device(self.settings.device), self.settings.model_aliases)
+
+    def checkpoint_folder(self, source: str) -> Path:
+        """A `tinker://RUN/KIND/NAME` path of this data directory, or a folder, as a folder."""
+        if source.startswith("tinker://"):
+            parts = source.removeprefix("tinker://").split("/")
+            if len(parts) != 3:
+                raise UserError(f"{source!r} must look like tinker://RUN_ID/KIND/NAME")
+            folder = self.paths.checkpoint(*parts)
+        else:
+            folder = Path(source).expanduser().resolve()
+        if not (folder / checkpoints.ADAPTER_FILE).exists():
+            raise UserError(f"{source}: no {checkpoints.ADAPTER_FILE} there")
+        return folder
+
+
+def export(data: DataDir, source: str, dest: Path, merged: bool) -> Path:
+    """Write a checkpoint as a PEFT adapter folder, or as a merged full HF model."""
+    folder = data.checkpoint_folder(source)
+    if dest.exists() and any(dest.iterdir()):
+        raise UserError(f"{dest} exists and is not empty")
+    dest.mkdir(parents=True, exist_ok=True)
+    if not merged:
+        for name in (checkpoints.ADAPTER_FILE, checkpoints.CONFIG_FILE):
+            shutil.copy2(folder / name, dest / name)
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = checkpoints.load(folder)
+    base_name = ckpt.metadata.get("base_model") or ckpt.adapter_config["base_model_name_or_path"]
+    base_folder = data.registry().resolve(base_name)
+    model = AutoModelForCausalLM.from_pretrained(str(base_folder))
+    scaling = float(ckpt.adapter_config["lora_alpha"]) / int(ckpt.adapter_config["r"])
+    lora.merge_into(model, ckpt.A, ckpt.B, scaling)
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(str(base_folder)).save_pretrained(dest)
+    return dest
+
+
+def import_adapter(data: DataDir, source: Path, base_model: str, name: str,
+                   owner: str | None = None) -> str:
+    """Register a PEFT LoRA adapter trained elsewhere as a training checkpoint.
+
+    Returns its tinker:// path; `create_training_client_from_state` continues training it (with
+    a fresh optimizer: a PEFT adapter carries no optimizer state).
+    """
+    check_name(name, "name")
+    config = json.loads((source / checkpoints.CONFIG_FILE).read_text())
+    for key, wanted in _PEFT_REQUIRED.items():
+        if key in config and config[key] not in (wanted, None):
+            raise Unsupported(f"adapter_config.{key} = {config[key]!r} is not supported "
+                              f"(only {wanted!r})")
+    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform"):
+        if config.get(key):
+            raise Unsupported(f"adapter_config.{key} is not supported")
+    rank = int(config["r"])
+    if not 1 <= rank <= data.settings.max_lora_rank:
+        raise UserError(f"adapter_config.r = {rank} is outside [1, max_lora_rank="
+                        f"{data.settings.max_lora_rank}]")
+    ckpt = checkpoints.load(source)
+    base = data.registry().get(base_model)
+    known = {p: g for g, paths in base.targets.items() for p in paths}
+    unknown = sorted(set(ckpt.A) - set(known))
+    if unknown:
+        raise Unsupported(f"the adapter targets modules tuneforge cannot adapt: {unknown[:3]}")
+    for path in ckpt.A:
+        out_f, in_f = base.model.get_submodule(path).base.weight.shape
+        if tuple(ckpt.A[path].shape) != (rank, in_f) or tuple(ckpt.B[path].shape) != (out_f, rank):
+            raise UserError(f"{path}: LoRA shapes {list(ckpt.A[path].shape)} / "
+                            f"{list(ckpt.B[path].shape)} do not fit {base_model}")
+    groups = {known[p] for p in ckpt.A}
+    if owner is None and data.default_key is None:
+        raise UserError("the data directory's admin key is revoked: give --key-id")
+    owner = owner or key_id(data.default_key)
+    if not any(row.id == owner and row.revoked_at is None for row in data.keys.list()):
+        raise UserError(f"--key-id {owner!r} is not an active API key of this data directory")
+    token = uuid.uuid4().hex[:12]
+    session_id, run_id = f"s-import-{token}", f"import-{token}"
+    data.db.add(SessionRow(id=session_id, owner=owner, sdk_version="import",
+                           user_metadata={"imported_from": str(source)},
+                           finished_at=utcnow(), finish_reason="import"))
+    data.db.add(TrainingRunRow(
+        id=run_id, session_id=session_id, owner=owner, base_model=base.name, lora_rank=rank,
+        train_attn="attn" in groups, train_mlp="mlp" in groups,
+        train_unembed="unembed" in groups, seed=None,
+        user_metadata={"imported_from": str(source)}))
+    alpha = float(config.get("lora_alpha", rank))
+    adapter_config = checkpoints.peft_adapter_config(base.name, rank, alpha, list(ckpt.A))
+    meta = {"training_run_id": run_id, "kind": "weights", "name": name, "step": 0,
+            "base_model": base.name, "created": utcnow().isoformat(),
+            "lora": {"rank": rank, "alpha": alpha}, "user_metadata": {}}
+    folder = data.paths.checkpoint(run_id, "weights", name)
+    size = checkpoints.save(folder, ckpt.A, ckpt.B, adapter_config, meta)
+    path = f"tinker://{run_id}/weights/{name}"
+    data.db.add(CheckpointRow(tinker_path=path, training_run_id=run_id, owner=owner,
+                              kind="weights", name=name, size_bytes=size))
+    return path
