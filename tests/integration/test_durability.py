@@ -134,11 +134,18 @@ def test_import_refuses_what_it_cannot_train(server, tmp_path):
 def test_tinker_cli_lists_and_downloads(server, trained, tmp_path):
     tc, _ids, path, _live = trained
     env = {**os.environ, "TINKER_BASE_URL": server.base_url, "TINKER_API_KEY": server.api_key}
-    listed = subprocess.run(["tinker", "checkpoint", "list", "--run-id", tc.model_id],
+    tinker_cli = str(Path(sys.executable).parent / "tinker")  # the SDK's console script
+    listed = subprocess.run([tinker_cli, "checkpoint", "list", "--run-id", tc.model_id],
                             capture_output=True, text=True, timeout=120, env=env)
     assert listed.returncode == 0, listed.stderr
     assert "three-steps" in listed.stdout
-    got = subprocess.run(["tinker", "checkpoint", "download", path, "--output", str(tmp_path)],
+    everything = subprocess.run([tinker_cli, "checkpoint", "list"], capture_output=True,
+                                text=True, timeout=120, env=env)
+    assert everything.returncode == 0 and "three-steps" in everything.stdout, everything.stderr
+    info = subprocess.run([tinker_cli, "checkpoint", "info", path], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert info.returncode == 0 and "three-steps" in info.stdout, info.stderr
+    got = subprocess.run([tinker_cli, "checkpoint", "download", path, "--output", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert got.returncode == 0, got.stdout + got.stderr
     [target] = list(tmp_path.iterdir())
