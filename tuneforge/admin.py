@@ -12,34 +12,29 @@ import uuid
 from pathlib import Path
 
 from tuneforge.engine import lora
-from tuneforge.engine.models import ModelRegistry, pick_device
+from tuneforge.engine.models import ModelRegistry
 from tuneforge.errors import Unsupported, UserError
-from tuneforge.server.auth import register_default_key
 from tuneforge.settings import Settings
 from tuneforge.storage import checkpoints
-from tuneforge.storage.db import CheckpointRow, Database, SessionRow, TrainingRunRow, utcnow
-from tuneforge.storage.keys import KeyStore, key_id
-from tuneforge.storage.paths import DataPaths, check_name
+from tuneforge.storage.datadir import DataDir
+from tuneforge.storage.db import CheckpointRow, SessionRow, TrainingRunRow, utcnow
+from tuneforge.storage.keys import key_id
+from tuneforge.storage.paths import check_name
 
 # PEFT adapter_config fields we can honour, with the values we support.
 _PEFT_REQUIRED = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False,
                   "use_dora": False, "use_rslora": False}
 
 
-class DataDir:
-    """The pieces of a data directory an offline operation needs."""
+class AdminData(DataDir):
+    """A data directory opened for offline operations."""
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__(settings.data_dir, settings.db_url)
         self.settings = settings
-        self.paths = DataPaths(settings.data_dir)
-        self.paths.ensure()
-        self.db = Database(settings.db_url)
-        self.keys = KeyStore(self.db)
-        self.default_key = register_default_key(self.paths.api_key_file, self.keys)
 
     def registry(self) -> ModelRegistry:
-        return ModelRegistry(self.settings.models_dir or self.paths.models,
-                             pick_device(self.settings.device), self.settings.model_aliases)
+        return ModelRegistry.from_settings(self.settings, self.paths.models)
 
     def checkpoint_folder(self, source: str) -> Path:
         """A `tinker://RUN/KIND/NAME` path of this data directory, or a folder, as a folder."""
@@ -55,7 +50,7 @@ class DataDir:
         return folder
 
 
-def export(data: DataDir, source: str, dest: Path, merged: bool) -> Path:
+def export(data: AdminData, source: str, dest: Path, merged: bool) -> Path:
     """Write a checkpoint as a PEFT adapter folder, or as a merged full HF model."""
     folder = data.checkpoint_folder(source)
     if dest.exists() and any(dest.iterdir()):
@@ -78,7 +73,7 @@ def export(data: DataDir, source: str, dest: Path, merged: bool) -> Path:
     return dest
 
 
-def import_adapter(data: DataDir, source: Path, base_model: str, name: str,
+def import_adapter(data: AdminData, source: Path, base_model: str, name: str,
                    owner: str | None = None) -> str:
     """Register a PEFT LoRA adapter trained elsewhere as a training checkpoint.
 

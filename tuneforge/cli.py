@@ -98,7 +98,7 @@ def _admin(args: argparse.Namespace) -> int:
     from tuneforge import admin
 
     overrides = {"data_dir": args.data_dir, "models_dir": args.models_dir}
-    data = admin.DataDir(Settings(**{k: v for k, v in overrides.items() if v is not None}))
+    data = admin.AdminData(Settings(**{k: v for k, v in overrides.items() if v is not None}))
     if args.command == "keys" and args.action == "create":
         key, row = data.keys.create(name=args.name, admin=args.admin)
         print(f"{row.id}  {key}")

@@ -30,6 +30,7 @@ from torch import nn
 
 from tuneforge.engine import lora, smollm2, tiny
 from tuneforge.errors import UserError
+from tuneforge.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,11 @@ class ModelRegistry:
         self.aliases = dict(aliases or {})
         self._loaded: dict[str, BaseModel] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, default_dir: Path) -> ModelRegistry:
+        return cls(settings.models_dir or default_dir, pick_device(settings.device),
+                   aliases=settings.model_aliases)
 
     def offered(self) -> list[str]:
         names = list(tiny.TINY_MODELS)

@@ -13,16 +13,14 @@ from collections import OrderedDict
 import torch
 
 from tuneforge.engine.engine import Engine
-from tuneforge.engine.models import ModelRegistry, pick_device
+from tuneforge.engine.models import ModelRegistry
 from tuneforge.errors import Gone, LimitExceeded, NotFound, UserError
 from tuneforge.scheduler.futures import Future, FutureStore
 from tuneforge.scheduler.queue import Scheduler
-from tuneforge.server.auth import register_default_key
 from tuneforge.settings import Settings
 from tuneforge.storage import recovery
-from tuneforge.storage.db import CheckpointRow, Database, SamplerRow, SessionRow, TrainingRunRow
-from tuneforge.storage.keys import KeyStore
-from tuneforge.storage.paths import DataPaths
+from tuneforge.storage.datadir import DataDir
+from tuneforge.storage.db import CheckpointRow, SamplerRow, SessionRow, TrainingRunRow
 
 logger = logging.getLogger(__name__)
 
@@ -32,16 +30,12 @@ _DEDUPE_LIMIT = 65536
 class ServerState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.paths = DataPaths(settings.data_dir)
-        self.paths.ensure()
-        self.db = Database(settings.db_url)
-        self.keys = KeyStore(self.db)
-        self.default_key = register_default_key(self.paths.api_key_file, self.keys)
+        data = DataDir(settings.data_dir, settings.db_url)
+        self.paths, self.db, self.keys, self.default_key = (data.paths, data.db, data.keys,
+                                                            data.default_key)
         for key in settings.api_keys:
             self.keys.add(key, name="TUNEFORGE_API_KEYS")
-        models_dir = settings.models_dir or self.paths.models
-        self.registry = ModelRegistry(models_dir, pick_device(settings.device),
-                                      aliases=settings.model_aliases)
+        self.registry = ModelRegistry.from_settings(settings, self.paths.models)
         self.engine = Engine(self.registry, settings.limits,
                              max_lora_rank=settings.max_lora_rank, precision=settings.precision,
                              spill_dir=self.paths.samplers,

@@ -11,13 +11,18 @@ server looks keys up in the database on every request, so a key revoked from the
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 
 from tuneforge.errors import NotFound, UserError
 from tuneforge.storage.db import ApiKeyRow, Database, utcnow
+
+logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "tml-"
 
@@ -86,3 +91,25 @@ class KeyStore:
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
             return row
+
+
+def ensure_default_key(path: Path) -> str:
+    """The key stored at `path` (mode 0600), generated on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    key = new_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def register_default_key(path: Path, keys: KeyStore) -> str | None:
+    """Create (first start) and register the data directory's admin key; None if revoked."""
+    key = ensure_default_key(path)
+    try:
+        keys.add(key, name="default (data_dir/api_key)", admin=True)
+    except UserError:
+        logger.warning("the key in %s was revoked; use another key", path)
+        return None
+    return key
