@@ -131,3 +131,41 @@ def import_adapter(data: AdminData, source: Path, base_model: str, name: str,
     data.db.add(CheckpointRow(tinker_path=path, training_run_id=run_id, owner=owner,
                               kind="weights", name=name, size_bytes=size))
     return path
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+                    "config.json", "generation_config.json")
+
+
+def cache_tokenizer(data: AdminData, name: str, force: bool = False) -> Path:
+    """Put the tokenizer of served model `name` into the local Hugging Face cache under `name`.
+
+    Clients on this machine then load it offline by name: `SamplingClient.get_tokenizer()`,
+    and the cookbook's `get_tokenizer(model_name)`. Aliases resolve to their target's tokenizer.
+    """
+    import hashlib
+
+    from huggingface_hub import constants
+
+    if name.count("/") != 1 or not all(name.split("/")):
+        raise UserError(f"{name!r} is not a Hugging Face style name (ORG/NAME)")
+    source = data.registry().resolve(name)
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}"
+    ours = list(repo.glob("snapshots/*/tuneforge.json"))
+    if repo.exists() and not ours and not force:
+        raise UserError(f"{repo} already holds files that tuneforge did not put there; "
+                        "pass --force to replace them")
+    files = [source / f for f in _TOKENIZER_FILES if (source / f).exists()]
+    digest = hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()
+    snapshot = repo / "snapshots" / digest
+    if repo.exists():
+        shutil.rmtree(repo)
+    snapshot.mkdir(parents=True)
+    for f in files:
+        shutil.copy2(f, snapshot / f.name)
+    (snapshot / "tuneforge.json").write_text(json.dumps({"served_as": name,
+                                                         "source": str(source)}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(digest)
+    return snapshot

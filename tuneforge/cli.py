@@ -4,6 +4,7 @@
     tuneforge keys create|list|revoke    manage API keys (stored hashed)
     tuneforge export CHECKPOINT --to DIR [--merged]
     tuneforge import ADAPTER_DIR --base-model NAME --name NAME
+    tuneforge cache-tokenizer NAME       put a served model's tokenizer in the local HF cache
 """
 
 from __future__ import annotations
@@ -77,6 +78,18 @@ def _admin_parsers(sub) -> None:
     imp.add_argument("--key-id", help="owner key id (default: the data directory's admin key)")
     _data_dir_option(imp)
 
+    cache = sub.add_parser(
+        "cache-tokenizer",
+        help="put a served model's tokenizer into the local Hugging Face cache under its name",
+        description="Write the tokenizer of a model this server serves (built-in, converted or "
+        "aliased with TUNEFORGE_MODEL_ALIASES) into the local Hugging Face cache under NAME, so "
+        "that clients on this machine load it offline by name (SamplingClient.get_tokenizer, "
+        "the cookbook's get_tokenizer).")
+    cache.add_argument("name", help="the model name clients use, ORG/NAME")
+    cache.add_argument("--force", action="store_true",
+                       help="replace a cache entry that tuneforge did not write")
+    _data_dir_option(cache)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__,
@@ -112,6 +125,8 @@ def _admin(args: argparse.Namespace) -> int:
         print(f"revoked {data.keys.revoke(args.key_id).id}")
     elif args.command == "export":
         print(admin.export(data, args.checkpoint, args.to, args.merged))
+    elif args.command == "cache-tokenizer":
+        print(admin.cache_tokenizer(data, args.name, args.force))
     elif args.command == "import":
         print(admin.import_adapter(data, args.adapter, args.base_model, args.name, args.key_id))
     return 0

@@ -73,12 +73,14 @@ def probe_loss(client) -> float:
          ["100 tokens", "max_tokens_per_request=64"]),
         ([GOOD] * 5, "cross_entropy", ["5 datums", "max_datums_per_request=4"]),
         ([GOOD], "not_a_loss", ["loss_fn 'not_a_loss'", "cross_entropy"]),
-        ([GOOD], "ppo", ["loss_fn 'ppo'", "not implemented"]),
+        ([GOOD], "ppo", ["loss_fn 'ppo' requires 'logprobs'"]),
+        ([GOOD], "stable_reinforce", ["loss_fn 'stable_reinforce' is not supported"]),
         ([datum([5, 6, 7], weights=[1.0, float("nan"), 1.0])], "cross_entropy",
          ["weights", "NaN"]),
     ],
     ids=["token-out-of-vocab", "negative-target", "target-length", "weights-length",
-         "over-token-limit", "over-datum-limit", "unknown-loss", "unsupported-loss", "nan-weight"],
+         "over-token-limit", "over-datum-limit", "unknown-loss", "missing-input",
+         "unsupported-loss", "nan-weight"],
 )
 def test_bad_forward_backward_fails_its_future_and_leaves_no_gradient(
         client, limited, data, loss_fn, expected):

@@ -107,3 +107,30 @@ def test_logprobs_prompt_scores_and_topk(engine, sampler_id):
     np.testing.assert_array_equal(res.topk_prompt_ids[2:], best.indices.numpy())
     seq = res.sequences[0]
     assert len(seq.topk_ids) == len(seq.tokens) and all(len(r) == 2 for r in seq.topk_ids)
+
+
+def test_sample_logprobs_follow_the_temperature_and_alt_tokens(engine, sampler_id):
+    prompt = [30, 31, 32, 33]
+    target = np.array([[31, -1], [32, 7], [33, 8]])
+    req = SampleRequest(prompt=prompt, num_samples=1, target_prompt_ids=target,
+                        prompt_alt_tokens_k=4,
+                        params=SamplingParams(max_tokens=3, temperature=0.5, seed=3,
+                                              stop_token_ids=frozenset()))
+    res = engine.sample(sampler_id, req)
+    tm = engine.models["m"]
+    seq = res.sequences[0]
+    from tuneforge.engine.lora import Segment, activate
+
+    with torch.no_grad(), activate(tm.base.router, [Segment(tm.adapter, 0, 1)]):
+        logits = tm.base.model(input_ids=torch.tensor([prompt + seq.tokens])).logits[0].double()
+    at_half = torch.log_softmax(logits / 0.5, -1)
+    raw = torch.log_softmax(logits, -1)
+    expected = [float(at_half[len(prompt) - 1 + i, t]) for i, t in enumerate(seq.tokens)]
+    np.testing.assert_allclose(seq.logprobs, expected, atol=1e-5)
+    # target ids are scored with the model's own distribution; -1 cells stay 0
+    want = np.array([[raw[0, 31], 0.0], [raw[1, 32], raw[1, 7]], [raw[2, 33], raw[2, 8]]])
+    np.testing.assert_allclose(res.target_prompt_logprobs, want, atol=1e-5)
+    assert res.alt_tokens.shape == (3, 4) and res.alt_logprobs.shape == (3, 4)
+    drawn = np.array([[float(torch.log_softmax(logits[i] / 0.5, -1)[t]) for t in row]
+                      for i, row in enumerate(res.alt_tokens)])
+    np.testing.assert_allclose(res.alt_logprobs, drawn, atol=1e-5)

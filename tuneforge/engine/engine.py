@@ -112,7 +112,7 @@ class Engine:
     def forward_backward(self, model_id: str, inp: ForwardBackwardInput) -> ForwardBackwardResult:
         tm = self.model(model_id)
         spec = losses.get_loss(inp.loss_fn)
-        config = self._loss_config(inp, spec)
+        config = losses.resolve_config(spec, inp.loss_fn, inp.loss_fn_config)
         data = self._to_tensors(tm.base, inp.data, spec, inp.loss_fn)
         params = tm.adapter.parameters()
         outputs: list[dict[str, np.ndarray]] = []
@@ -303,13 +303,6 @@ class Engine:
                             f"{len(r.prompt) - 1}, got {r.prompt_logprobs_last_n}")
 
     # ---- internals ----------------------------------------------------------------------------
-
-    def _loss_config(self, inp: ForwardBackwardInput, spec: losses.LossSpec) -> dict[str, float]:
-        unknown = sorted(set(inp.loss_fn_config) - set(spec.config_keys))
-        if unknown:
-            raise Unsupported(f"loss_fn_config keys {unknown} are not used by loss_fn "
-                              f"'{inp.loss_fn}' (accepted: {list(spec.config_keys)})")
-        return {k: float(v) for k, v in inp.loss_fn_config.items()}
 
     def _to_tensors(self, base: BaseModel, data: list[Datum], spec: losses.LossSpec,
                     loss_fn: str) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:

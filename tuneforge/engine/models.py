@@ -160,7 +160,7 @@ class ModelRegistry:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(
+            folder = Path(snapshot_download(
                 name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
         except Exception as e:  # hub errors have no common base class worth naming
             raise UserError(
@@ -168,6 +168,12 @@ class ModelRegistry:
                 f"Face model available here ({type(e).__name__}); offered models: "
                 f"{', '.join(self.offered())}"
             ) from e
+        if not any(folder.glob("*.safetensors")):
+            raise UserError(
+                f"base_model '{name}': the local Hugging Face cache holds no weights for it (a "
+                "tokenizer-only entry, e.g. from `tuneforge cache-tokenizer`); if it is an alias, "
+                "set the same TUNEFORGE_MODEL_ALIASES as the server")
+        return folder
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:

@@ -5,9 +5,11 @@ yields the prompt logprobs), the cache is repeated for every sample, then all sa
 together; a finished sample leaves the batch. Each sample draws from its own `torch.Generator`
 seeded from `(seed, sample index)`, so a seeded request is reproducible and its samples differ.
 
-Returned logprobs are the model's own (`log_softmax` of the raw logits, before temperature,
-top-k and top-p), the quantity the trainer's `forward` computes for the same tokens — what
-importance-sampling losses need.
+Logprobs of sampled tokens (and their top-k) are those of the distribution sampled from,
+`log_softmax(logits / temperature)`, before top-k / top-p truncation (as Tinker returns them);
+with temperature 1 they equal the trainer's `forward` logprobs for the same tokens, which is what
+importance-sampling losses compare. Temperature 0 means greedy, with the model's own logprobs.
+Prompt scores (prompt logprobs, top-k, target ids) are always the model's own distribution.
 
 Stopping: `stop=None` stops on the model's EOS tokens; a list replaces them (an empty list
 disables every stop, as the SDK documents). The token that triggers a stop is included.
@@ -45,6 +47,8 @@ class SampleRequest:
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
     prompt_logprobs_last_n: int | None = None
+    target_prompt_ids: np.ndarray | None = None  # int64 [P-1, K]; -1 = nothing requested
+    prompt_alt_tokens_k: int = 0
 
 
 @dataclass
@@ -62,6 +66,9 @@ class SampleResult:
     prompt_logprobs: np.ndarray | None = None  # float32 [P], NaN where not scored
     topk_prompt_ids: np.ndarray | None = None  # int32 [P, k]; row 0 and unscored rows empty
     topk_prompt_logprobs: np.ndarray | None = None  # float32 [P, k]
+    target_prompt_logprobs: np.ndarray | None = None  # float32 [P-1, K]; 0.0 where not requested
+    alt_tokens: np.ndarray | None = None  # int64 [P-1, k], drawn at the request's temperature
+    alt_logprobs: np.ndarray | None = None  # float32 [P-1, k]
 
 
 EMPTY_TOPK_LOGPROB = -99999.0
@@ -125,16 +132,19 @@ def sample(
     _prompt_scores(result, logits, request)
 
     seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
-    generators = [torch.Generator(device=device) for _ in range(n)]
+    generators = [torch.Generator(device=device) for _ in range(n + 1)]  # the last: alt tokens
     for i, g in enumerate(generators):
         g.manual_seed(_row_seed(seed, i))
+    if request.prompt_alt_tokens_k > 0:
+        _alt_tokens(result, logits, request, generators[n])
     stop = _StopChecker(params, decode)
 
     cache.batch_repeat_interleave(n)
     next_logits = logits[-1:].expand(n, -1)
     active = list(range(n))  # sample index of each live row
+    scale = params.temperature if params.temperature > 0 else 1.0
     for step in range(params.max_tokens):
-        logprobs = torch.log_softmax(next_logits, dim=-1)
+        logprobs = torch.log_softmax(next_logits / scale, dim=-1)
         if params.temperature == 0:
             chosen = torch.argmax(next_logits, dim=-1)
         else:
@@ -171,12 +181,18 @@ def sample(
 
 
 def _prompt_scores(result: SampleResult, logits: torch.Tensor, request: SampleRequest) -> None:
-    """Prompt logprobs and top-k prompt logprobs; position 0 (no context) is never scored."""
+    """Prompt logprobs, top-k and target-id prompt logprobs; position 0 is never scored."""
     plen = len(request.prompt)
     first = 1 if request.prompt_logprobs_last_n is None else plen - request.prompt_logprobs_last_n
-    if not request.prompt_logprobs and request.topk_prompt_logprobs <= 0:
+    wanted = (request.prompt_logprobs or request.topk_prompt_logprobs > 0
+              or request.target_prompt_ids is not None)
+    if not wanted:
         return
     lp = torch.log_softmax(logits[:-1], dim=-1)  # row i scores prompt token i + 1
+    if request.target_prompt_ids is not None:
+        ids = torch.from_numpy(request.target_prompt_ids).to(lp.device)
+        picked = lp.gather(-1, ids.clamp(min=0)).masked_fill(ids < 0, 0.0)
+        result.target_prompt_logprobs = picked.cpu().numpy().astype(np.float32)
     if request.prompt_logprobs:
         targets = torch.tensor(request.prompt[1:], device=lp.device)
         scored = lp.gather(-1, targets[:, None])[:, 0].cpu().numpy()
@@ -192,3 +208,19 @@ def _prompt_scores(result: SampleResult, logits: torch.Tensor, request: SampleRe
         vals[first:, : top.values.shape[1]] = top.values[first - 1 :].cpu().numpy()
         result.topk_prompt_ids, result.topk_prompt_logprobs = ids, vals
 
+
+
+def _alt_tokens(result: SampleResult, logits: torch.Tensor, request: SampleRequest,
+                gen: torch.Generator) -> None:
+    """`k` tokens per prompt position after the first, drawn with replacement at the request's
+    temperature from the model's next-token distribution, with their logprobs there."""
+    k, temperature = request.prompt_alt_tokens_k, request.params.temperature
+    rows = logits[:-1]
+    if temperature == 0:
+        tokens = rows.argmax(-1, keepdim=True).expand(-1, k)
+        lp = torch.log_softmax(rows, dim=-1)
+    else:
+        lp = torch.log_softmax(rows / temperature, dim=-1)
+        tokens = torch.multinomial(lp.exp(), k, replacement=True, generator=gen)
+    result.alt_tokens = tokens.cpu().numpy().astype(np.int64)
+    result.alt_logprobs = lp.gather(-1, tokens).cpu().numpy().astype(np.float32)

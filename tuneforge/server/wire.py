@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -18,7 +19,7 @@ from tinker.proto import tinker_public_pb2 as pb
 
 from tuneforge.engine.sampler import SampleResult
 from tuneforge.engine.types import Datum, ForwardBackwardInput, ForwardBackwardResult
-from tuneforge.errors import Unsupported, UserError
+from tuneforge.errors import LimitExceeded, Unsupported, UserError
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
@@ -213,7 +214,66 @@ def _topk(ids: np.ndarray, logprobs: np.ndarray) -> pb.TopkLogprobs:
     )
 
 
-def encode_sample(result: SampleResult) -> bytes:
+@dataclass(frozen=True)
+class SparseLayout:
+    """Where the listed cells of a sparse CSR request tensor are (to answer in the same layout)."""
+
+    crow: np.ndarray
+    col: np.ndarray
+
+
+def decode_target_ids(value, rows: int, vocab: int, max_cells: int,
+                      field: str = "target_prompt_logprobs",
+                      ) -> tuple[np.ndarray, SparseLayout | None]:
+    """A JSON int64 tensor of token ids `[rows, K]` as a dense array (-1 = nothing requested),
+    plus its sparse layout when it came as CSR (unlisted cells request nothing)."""
+    if value.dtype != "int64":
+        raise UserError(f"{field} must be an int64 tensor of token ids, got {value.dtype}")
+    shape = list(value.shape or [])
+    if len(shape) != 2 or shape[0] != rows or shape[1] < 1:
+        raise UserError(f"{field} must have shape [len(prompt) - 1, K] = [{rows}, K], "
+                        f"got {shape}")
+    if shape[0] * shape[1] > max_cells:
+        raise LimitExceeded(f"{field}: {shape[0] * shape[1]} cells exceeds the limit "
+                            f"max_tokens_per_request={max_cells}")
+    data = np.asarray(value.data, dtype=np.int64)
+    layout = None
+    if value.sparse_crow_indices is not None:
+        crow = np.asarray(value.sparse_crow_indices, dtype=np.int64)
+        col = np.asarray(value.sparse_col_indices or [], dtype=np.int64)
+        if (len(crow) != rows + 1 or crow[0] != 0 or crow[-1] != len(data) or len(col) != len(data)
+                or np.any(np.diff(crow) < 0) or (len(col) and (col.min() < 0
+                                                               or col.max() >= shape[1]))):
+            raise UserError(f"{field}: inconsistent sparse CSR indices for shape {shape}")
+        dense = np.full(shape, -1, dtype=np.int64)
+        dense[np.repeat(np.arange(rows), np.diff(crow)), col] = data
+        layout = SparseLayout(crow, col)
+    else:
+        if data.size != shape[0] * shape[1]:
+            raise UserError(f"{field}: shape {shape} does not match its {data.size} values")
+        dense = data.reshape(shape)
+    if dense.size and (dense.min() < -1 or dense.max() >= vocab):
+        bad = int(dense.min()) if dense.min() < -1 else int(dense.max())
+        raise UserError(f"{field}: token id {bad} is outside the vocabulary [0, {vocab}) "
+                        "(-1 requests nothing)")
+    return dense, layout
+
+
+def _tensor(values: np.ndarray, layout: SparseLayout | None = None) -> pb.Tensor:
+    dtype = pb.DTYPE_INT64 if values.dtype == np.int64 else pb.DTYPE_FLOAT32
+    t = pb.Tensor(dtype=dtype, shape=list(values.shape))
+    np_dtype = "<i8" if dtype == pb.DTYPE_INT64 else "<f4"
+    if layout is None:
+        t.dense = np.ascontiguousarray(values, dtype=np_dtype).tobytes()
+    else:
+        rows = np.repeat(np.arange(values.shape[0]), np.diff(layout.crow))
+        t.sparse_csr.values = values[rows, layout.col].astype(np_dtype).tobytes()
+        t.sparse_csr.crow_indices = layout.crow.astype("<i8").tobytes()
+        t.sparse_csr.col_indices = layout.col.astype("<i8").tobytes()
+    return t
+
+
+def encode_sample(result: SampleResult, target_layout: SparseLayout | None = None) -> bytes:
     out = pb.SampleResponse()
     for seq in result.sequences:
         s = out.sequences.add(
@@ -229,4 +289,9 @@ def encode_sample(result: SampleResult) -> bytes:
     if result.topk_prompt_ids is not None:
         out.topk_prompt_logprobs.CopyFrom(
             _topk(result.topk_prompt_ids, result.topk_prompt_logprobs))
+    if result.target_prompt_logprobs is not None:
+        out.target_prompt_logprobs.CopyFrom(_tensor(result.target_prompt_logprobs, target_layout))
+    if result.alt_tokens is not None:
+        out.prompt_alt_tokens.tokens.CopyFrom(_tensor(result.alt_tokens))
+        out.prompt_alt_tokens.logprobs.CopyFrom(_tensor(result.alt_logprobs))
     return out.SerializeToString()

@@ -61,9 +61,9 @@ def asample(state: State, owner: Owner, body: JsonBody) -> dict:
             f"{fut.request_id}:{i}" for i in range(max(req.num_samples, 0))]
 
         def job() -> bytes:
-            sample_request = build_sample_request(state, row, req)
+            sample_request, layout = build_sample_request(state, row, req)
             ensure_sampler(state, row)
-            return wire.encode_sample(state.engine.sample(row.id, sample_request))
+            return wire.encode_sample(state.engine.sample(row.id, sample_request), layout)
 
         return state.scheduler.submit(fut, job)
 
@@ -90,21 +90,19 @@ def ensure_sampler(state: ServerState, row: SamplerRow) -> None:
                    "restarted; save weights for a sampler again")
 
 
-def build_sample_request(state: ServerState, row: SamplerRow,
-                         req: types.SampleRequest) -> SampleRequest:
+def build_sample_request(state: ServerState, row: SamplerRow, req: types.SampleRequest
+                         ) -> tuple[SampleRequest, wire.SparseLayout | None]:
+    """The engine's request, and the sparse layout to answer `target_prompt_logprobs` in."""
     lim = state.settings.limits
     if not 1 <= req.num_samples <= lim.max_samples_per_request:
         raise LimitExceeded(f"num_samples must be between 1 and max_samples_per_request="
                             f"{lim.max_samples_per_request}, got {req.num_samples}")
     for name, k in (("topk_prompt_logprobs", req.topk_prompt_logprobs),
-                    ("topk_sample_logprobs", req.topk_sample_logprobs)):
+                    ("topk_sample_logprobs", req.topk_sample_logprobs),
+                    ("prompt_alt_tokens_k", req.prompt_alt_tokens_k)):
         if not 0 <= k <= lim.max_topk_logprobs:
             raise LimitExceeded(f"{name} must be between 0 and max_topk_logprobs="
                                 f"{lim.max_topk_logprobs}, got {k}")
-    if req.target_prompt_logprobs is not None:
-        raise Unsupported("target_prompt_logprobs is not supported by this server yet")
-    if req.prompt_alt_tokens_k:
-        raise Unsupported("prompt_alt_tokens_k is not supported by this server yet")
     if req.record_stability_info:
         raise Unsupported("record_stability_info (stable_reinforce) is not supported")
     prompt: list[int] = []
@@ -115,6 +113,14 @@ def build_sample_request(state: ServerState, row: SamplerRow,
         prompt.extend(chunk.tokens)
     p = req.sampling_params
     base = state.registry.get(row.base_model)
+    target_ids, layout = None, None
+    if req.target_prompt_logprobs is not None or req.prompt_alt_tokens_k:
+        if len(prompt) < 2:
+            raise UserError("target_prompt_logprobs and prompt_alt_tokens_k need a prompt of at "
+                            "least 2 tokens")
+    if req.target_prompt_logprobs is not None:
+        target_ids, layout = wire.decode_target_ids(req.target_prompt_logprobs, len(prompt) - 1,
+                                                    base.vocab_size, lim.max_tokens_per_request)
     max_tokens = p.max_tokens
     if max_tokens is None:
         max_tokens = max(1, min(lim.max_sample_tokens, base.max_context - len(prompt)))
@@ -141,6 +147,8 @@ def build_sample_request(state: ServerState, row: SamplerRow,
                             f"[0, {base.vocab_size})")
     return SampleRequest(
         prompt=prompt,
+        target_prompt_ids=target_ids,
+        prompt_alt_tokens_k=req.prompt_alt_tokens_k,
         num_samples=req.num_samples,
         params=SamplingParams(max_tokens=max_tokens, temperature=p.temperature, top_k=p.top_k,
                               top_p=p.top_p, seed=p.seed, stop_token_ids=stop_ids,
@@ -149,4 +157,4 @@ def build_sample_request(state: ServerState, row: SamplerRow,
         topk_prompt_logprobs=req.topk_prompt_logprobs,
         topk_sample_logprobs=req.topk_sample_logprobs,
         prompt_logprobs_last_n=req.prompt_logprobs_last_n,
-    )
+    ), layout
