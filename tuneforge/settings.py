@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(128, ge=1)
     max_models_per_key: int = Field(64, ge=1)
     """Training models one API key may have loaded at once."""
+    batch_tokens: int = Field(16384, ge=1)
+    """Tokens of forward/forward_backward requests (of different models) one shared pass may
+    gather; a request bigger than this runs alone."""
+    max_decode_rows: int = Field(64, ge=1)
+    """Samples decoded together per base model; further requests wait for a free row."""
     max_resident_samplers: int = Field(32, ge=1)
     """Sampler weights kept in memory; older snapshots are written to disk and reloaded."""
     long_poll_seconds: float = Field(20.0, gt=0, lt=45)

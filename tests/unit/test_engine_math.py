@@ -95,12 +95,12 @@ def test_gradients_accumulate_across_calls_and_forward_adds_none(engine):
 
 
 def test_microbatched_request_equals_single_pass(engine, monkeypatch):
-    import tuneforge.engine.engine as engine_module
+    import tuneforge.engine.passes as passes_module
 
     data = random_data(4, False)
     engine.create_model("one", MODEL, LoRAConfig(rank=2, alpha=32.0, seed=0))
     one = engine.forward_backward("one", ForwardBackwardInput(data=data, loss_fn="cross_entropy"))
-    monkeypatch.setattr(engine_module, "MICROBATCH_TOKENS", 12)  # forces one datum per pass
+    monkeypatch.setattr(passes_module, "MICROBATCH_TOKENS", 12)  # forces one datum per pass
     engine.create_model("many", MODEL, LoRAConfig(rank=2, alpha=32.0, seed=0))
     many = engine.forward_backward("many", ForwardBackwardInput(data=data, loss_fn="cross_entropy"))
     assert many.metrics["loss:sum"] == pytest.approx(one.metrics["loss:sum"], rel=1e-6)

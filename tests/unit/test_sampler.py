@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tuneforge.engine.lora import LoRAConfig
-from tuneforge.engine.sampler import SampleRequest, SamplingParams, _filter_logits
+from tuneforge.engine.sampler import SampleRequest, SamplingParams, filter_logits
 
 MODEL = "tuneforge/tiny-qwen3"
 
@@ -16,7 +16,7 @@ def test_top_k_and_top_p_keep_exactly_the_reference_sets():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=gen)
     for top_k, top_p in [(5, 1.0), (-1, 0.3), (10, 0.5), (-1, 1.0)]:
-        kept = torch.isfinite(_filter_logits(logits, SamplingParams(
+        kept = torch.isfinite(filter_logits(logits, SamplingParams(
             max_tokens=1, top_k=top_k, top_p=top_p)))
         for row in range(4):
             probs = torch.softmax(logits[row].double(), -1).numpy()

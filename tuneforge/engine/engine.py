@@ -11,28 +11,24 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import math
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tuneforge.engine import lora, losses
+from tuneforge.engine import decoder, lora, losses, passes
 from tuneforge.engine.models import BaseModel, ModelRegistry
 from tuneforge.engine.optim import AdamParams, AdamW
-from tuneforge.engine.sampler import SampleRequest, SampleResult, sample
+from tuneforge.engine.sampler import SampleRequest, SampleResult
 from tuneforge.engine.types import Datum, ForwardBackwardInput, ForwardBackwardResult
-from tuneforge.errors import LimitExceeded, NotFound, Unsupported, UserError
+from tuneforge.errors import LimitExceeded, NotFound, TuneforgeError, Unsupported, UserError
 from tuneforge.settings import Limits
 from tuneforge.storage import checkpoints
 
 logger = logging.getLogger(__name__)
-
-# Padded tokens per forward pass; larger requests run in micro-batches whose gradients add up.
-MICROBATCH_TOKENS = 8192
 
 
 @dataclass
@@ -60,6 +56,7 @@ class Engine:
         precision: str = "fp32",
         spill_dir: Path | None = None,
         max_resident_samplers: int = 32,
+        max_decode_rows: int = 64,
     ) -> None:
         self.registry = registry
         self.limits = limits
@@ -71,6 +68,8 @@ class Engine:
         self.samplers: OrderedDict[str, SamplerWeights] = OrderedDict()
         self.spill_dir = spill_dir
         self.max_resident_samplers = max_resident_samplers
+        self.max_decode_rows = max_decode_rows
+        self.decoders: dict[str, decoder.Decoder] = {}  # per base model: the running batch
 
     # ---- training models -------------------------------------------------------------------
 
@@ -110,34 +109,55 @@ class Engine:
         return tm
 
     def forward_backward(self, model_id: str, inp: ForwardBackwardInput) -> ForwardBackwardResult:
+        outcome = self.forward_backward_batch([(model_id, inp)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def forward_backward_batch(
+        self, requests: list[tuple[str, ForwardBackwardInput]]
+    ) -> list[ForwardBackwardResult | Exception]:
+        """Serve requests of distinct models together, one outcome per request, in order.
+
+        Each request is validated on its own; the valid ones share passes per base model. If a
+        shared pass fails for a reason no single request explains, each request is retried
+        alone, so one request can only fail itself.
+        """
+        outcomes: list[ForwardBackwardResult | Exception | None] = [None] * len(requests)
+        by_base: dict[str, list[tuple[int, passes.Job]]] = {}
+        for i, (model_id, inp) in enumerate(requests):
+            try:
+                base, job = self._prepare(model_id, inp)
+            except TuneforgeError as e:
+                outcomes[i] = e
+                continue
+            by_base.setdefault(base.name, []).append((i, job))
+        for name, items in by_base.items():
+            base = self.registry.get(name)
+            try:
+                results = passes.run(base, [job for _, job in items], self.precision)
+            except Exception:
+                if len(items) == 1:
+                    raise
+                logger.exception("shared pass of %d requests failed; running them alone",
+                                 len(items))
+                results = []
+                for _, job in items:
+                    job.reset()
+                    try:
+                        results.append(passes.run(base, [job], self.precision)[0])
+                    except Exception as e:  # reported to that request alone
+                        results.append(e)
+            for (i, _), result in zip(items, results, strict=True):
+                outcomes[i] = result
+        return outcomes
+
+    def _prepare(self, model_id: str, inp: ForwardBackwardInput) -> tuple[BaseModel, passes.Job]:
         tm = self.model(model_id)
         spec = losses.get_loss(inp.loss_fn)
         config = losses.resolve_config(spec, inp.loss_fn, inp.loss_fn_config)
-        data = self._to_tensors(tm.base, inp.data, spec, inp.loss_fn)
-        params = tm.adapter.parameters()
-        outputs: list[dict[str, np.ndarray]] = []
-        total = 0.0
-        grads: list[torch.Tensor | None] = [None] * len(params)
-        for batch in _microbatches(data):
-            with torch.set_grad_enabled(not inp.forward_only):
-                lps, elementwise = self._losses(tm.base, tm.adapter, batch, spec, config)
-                loss = sum(e.sum() for e in elementwise)
-            if not inp.forward_only:
-                for i, g in enumerate(torch.autograd.grad(loss, params, allow_unused=True)):
-                    if g is not None:
-                        grads[i] = g if grads[i] is None else grads[i] + g
-            total += float(loss.detach())
-            for lp, e in zip(lps, elementwise, strict=True):
-                outputs.append({
-                    "logprobs": lp.detach().float().cpu().numpy(),
-                    "elementwise_loss": e.detach().float().cpu().numpy(),
-                })
-        if not math.isfinite(total):
-            raise UserError(f"loss is not finite ({total}); no gradient was accumulated")
-        for p, g in zip(params, grads, strict=True):  # commit only after every batch succeeded
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad.add_(g)
-        return ForwardBackwardResult(outputs=outputs, metrics={"loss:sum": total})
+        rows = self._to_tensors(tm.base, inp.data, spec, inp.loss_fn)
+        return tm.base, passes.Job(tm.adapter, rows, spec, config, inp.forward_only)
 
     def optim_step(self, model_id: str, hp: AdamParams) -> dict[str, float]:
         tm = self.model(model_id)
@@ -273,16 +293,46 @@ class Engine:
                 checkpoints.remove(folder)
 
     def sample(self, sampler_id: str, request: SampleRequest) -> SampleResult:
+        """Serve one request by itself (tests, tools); the server decodes through `admit`."""
+        weights = self._sampler(sampler_id, request)
+        return decoder.sample_alone(weights.base, weights.adapter, request, self.precision)
+
+    def admit(self, handle: Hashable, sampler_id: str, request: SampleRequest) -> str:
+        """Start decoding `request` in its base model's running batch; returns that base's name.
+
+        Finished requests come back, with their handle, from `decode_step`.
+        """
+        weights = self._sampler(sampler_id, request)
+        name = weights.base.name
+        if name not in self.decoders:
+            self.decoders[name] = decoder.Decoder(weights.base, self.precision,
+                                                  self.max_decode_rows)
+        self.decoders[name].admit(handle, weights.adapter, request)
+        return name
+
+    def has_room(self, sampler_id: str, request: SampleRequest) -> bool:
+        weights = self.samplers.get(sampler_id)
+        dec = self.decoders.get(weights.base.name) if weights is not None else None
+        return dec is None or dec.has_room(request)
+
+    def decode_step(self) -> list[tuple[Hashable, SampleResult]]:
+        """One decoding step of every base model with rows running."""
+        finished = []
+        for dec in self.decoders.values():
+            finished += dec.step()
+        return finished
+
+    @property
+    def decoding(self) -> bool:
+        return any(dec.pending for dec in self.decoders.values())
+
+    def _sampler(self, sampler_id: str, request: SampleRequest) -> SamplerWeights:
         weights = self.samplers.get(sampler_id)
         if weights is None:
             raise NotFound(f"sampling_session_id {sampler_id!r} is not known to this server")
         self.samplers.move_to_end(sampler_id)
-        base = weights.base
-        self._check_prompt(base, request)
-        autocast = torch.autocast(base.device.type, dtype=torch.bfloat16,
-                                  enabled=self.precision == "bf16")
-        with autocast:
-            return sample(base.model, base.router, weights.adapter, request, base.decode)
+        self._check_prompt(weights.base, request)
+        return weights
 
     def _check_prompt(self, base: BaseModel, r: SampleRequest) -> None:
         lim = self.limits
@@ -348,49 +398,8 @@ class Engine:
             out.append((torch.from_numpy(d.tokens).to(base.device), tensors))
         return out
 
-    def _losses(self, base: BaseModel, adapter: lora.Adapter, batch, spec: losses.LossSpec,
-                config: Mapping[str, float]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        tokens = torch.nn.utils.rnn.pad_sequence([t for t, _ in batch], batch_first=True)
-        # Right padding needs no attention mask: causal attention never looks ahead, so real
-        # positions are unaffected by the padding after them.
-        autocast = torch.autocast(base.device.type, dtype=torch.bfloat16,
-                                  enabled=self.precision == "bf16")
-        with lora.activate(base.router, [lora.Segment(adapter, 0, len(batch))]), autocast:
-            logits = base.model(input_ids=tokens, use_cache=False).logits
-        # Gather every datum's targets from the padded batch in one op: slicing the [B, T, V]
-        # logits per datum would make autograd materialise a full-size zero gradient per slice.
-        widths = [1 if inputs["target_tokens"].ndim == 1 else inputs["target_tokens"].shape[1]
-                  for _, inputs in batch]
-        index = torch.zeros(*tokens.shape, max(widths), dtype=torch.long, device=tokens.device)
-        for row, (t, inputs) in enumerate(batch):
-            index[row, : len(t), : widths[row]] = inputs["target_tokens"].view(len(t), -1)
-        logits = logits.float()
-        picked = logits.gather(-1, index) - torch.logsumexp(logits, -1, keepdim=True)
-        lps, elementwise = [], []
-        for row, (t, inputs) in enumerate(batch):
-            lp = picked[row, : len(t), : widths[row]].reshape(inputs["target_tokens"].shape)
-            lps.append(lp)
-            elementwise.append(spec.fn(lp, inputs, config))
-        return lps, elementwise
-
 
 def _check_ids(ids: np.ndarray, vocab: int, field: str) -> None:
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
         bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
         raise UserError(f"{field}: token id {bad} is outside the vocabulary [0, {vocab})")
-
-
-def _microbatches(data: list) -> list[list]:
-    batches: list[list] = []
-    current: list = []
-    longest = 0
-    for item in data:
-        longest_next = max(longest, len(item[0]))
-        if current and longest_next * (len(current) + 1) > MICROBATCH_TOKENS:
-            batches.append(current)
-            current, longest_next = [], len(item[0])
-        current.append(item)
-        longest = longest_next
-    if current:
-        batches.append(current)
-    return batches

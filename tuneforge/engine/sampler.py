@@ -1,9 +1,9 @@
-"""Autoregressive sampling with a KV cache, on token ids only.
+"""Sampling requests and results, and the per-token rules of sampling (the decoding loop that
+serves many requests at once is `decoder.py`).
 
-One request = one prompt and `num_samples` continuations. The prompt is prefilled once (which also
-yields the prompt logprobs), the cache is repeated for every sample, then all samples decode
-together; a finished sample leaves the batch. Each sample draws from its own `torch.Generator`
-seeded from `(seed, sample index)`, so a seeded request is reproducible and its samples differ.
+One request = one prompt and `num_samples` continuations. Each sample draws from its own
+`torch.Generator` seeded from `(seed, sample index)`, so a seeded request is reproducible
+whatever else is decoded beside it, and its samples differ.
 
 Logprobs of sampled tokens (and their top-k) are those of the distribution sampled from,
 `log_softmax(logits / temperature)`, before top-k / top-p truncation (as Tinker returns them);
@@ -17,14 +17,10 @@ disables every stop, as the SDK documents). The token that triggers a stop is in
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import DynamicCache
-
-from tuneforge.engine.lora import Adapter, Router, Segment, activate
 
 
 @dataclass(frozen=True)
@@ -74,11 +70,11 @@ class SampleResult:
 EMPTY_TOPK_LOGPROB = -99999.0
 
 
-def _row_seed(seed: int, index: int) -> int:
+def row_seed(seed: int, index: int) -> int:
     return (seed * 6364136223846793005 + 1442695040888963407 * (index + 1)) % (2**63)
 
 
-def _filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature, top-k and top-p applied to one step's `[rows, V]` logits."""
     logits = logits / p.temperature
     if p.top_k > 0 and p.top_k < logits.shape[-1]:
@@ -94,7 +90,7 @@ def _filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-class _StopChecker:
+class StopChecker:
     def __init__(self, params: SamplingParams, decode) -> None:
         self.token_ids = params.stop_token_ids
         self.strings = params.stop_strings
@@ -111,76 +107,7 @@ class _StopChecker:
         return False
 
 
-@torch.no_grad()
-def sample(
-    model: torch.nn.Module,
-    router: Router,
-    adapter: Adapter | None,
-    request: SampleRequest,
-    decode,
-) -> SampleResult:
-    """Run one sampling request. `decode(ids) -> str` is used for stop strings only."""
-    device = next(model.parameters()).device
-    params = request.params
-    n = request.num_samples
-    prompt = torch.tensor([request.prompt], dtype=torch.long, device=device)
-    cache = DynamicCache()
-    with activate(router, [Segment(adapter, 0, 1)]):
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
-    logits = out.logits[0].float()  # [P, V]
-    result = SampleResult(sequences=[SampledSequence() for _ in range(n)])
-    _prompt_scores(result, logits, request)
-
-    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
-    generators = [torch.Generator(device=device) for _ in range(n + 1)]  # the last: alt tokens
-    for i, g in enumerate(generators):
-        g.manual_seed(_row_seed(seed, i))
-    if request.prompt_alt_tokens_k > 0:
-        _alt_tokens(result, logits, request, generators[n])
-    stop = _StopChecker(params, decode)
-
-    cache.batch_repeat_interleave(n)
-    next_logits = logits[-1:].expand(n, -1)
-    active = list(range(n))  # sample index of each live row
-    scale = params.temperature if params.temperature > 0 else 1.0
-    for step in range(params.max_tokens):
-        logprobs = torch.log_softmax(next_logits / scale, dim=-1)
-        if params.temperature == 0:
-            chosen = torch.argmax(next_logits, dim=-1)
-        else:
-            probs = torch.softmax(_filter_logits(next_logits, params), dim=-1)
-            chosen = torch.cat(
-                [torch.multinomial(probs[r], 1, generator=generators[s])
-                 for r, s in enumerate(active)]
-            )
-        chosen_lp = logprobs.gather(-1, chosen[:, None])[:, 0]
-        if request.topk_sample_logprobs > 0:
-            top = torch.topk(logprobs, request.topk_sample_logprobs, dim=-1)
-        keep: list[int] = []
-        for r, s in enumerate(active):
-            seq = result.sequences[s]
-            seq.tokens.append(int(chosen[r]))
-            seq.logprobs.append(float(chosen_lp[r]))
-            if request.topk_sample_logprobs > 0:
-                seq.topk_ids.append(top.indices[r].tolist())
-                seq.topk_logprobs.append(top.values[r].tolist())
-            if stop(seq.tokens):
-                seq.stop_reason = "stop"
-            else:
-                keep.append(r)
-        if not keep or step == params.max_tokens - 1:
-            break
-        if len(keep) < len(active):
-            cache.batch_select_indices(torch.tensor(keep, device=device))
-        active = [active[r] for r in keep]
-        step_input = chosen[keep][:, None]
-        with activate(router, [Segment(adapter, 0, len(active))]):
-            out = model(input_ids=step_input, past_key_values=cache, use_cache=True)
-        next_logits = out.logits[:, -1].float()
-    return result
-
-
-def _prompt_scores(result: SampleResult, logits: torch.Tensor, request: SampleRequest) -> None:
+def prompt_scores(result: SampleResult, logits: torch.Tensor, request: SampleRequest) -> None:
     """Prompt logprobs, top-k and target-id prompt logprobs; position 0 is never scored."""
     plen = len(request.prompt)
     first = 1 if request.prompt_logprobs_last_n is None else plen - request.prompt_logprobs_last_n
@@ -210,7 +137,7 @@ def _prompt_scores(result: SampleResult, logits: torch.Tensor, request: SampleRe
 
 
 
-def _alt_tokens(result: SampleResult, logits: torch.Tensor, request: SampleRequest,
+def alt_tokens(result: SampleResult, logits: torch.Tensor, request: SampleRequest,
                 gen: torch.Generator) -> None:
     """`k` tokens per prompt position after the first, drawn with replacement at the request's
     temperature from the model's next-token distribution, with their logprobs there."""

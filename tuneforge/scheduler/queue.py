@@ -1,88 +1,137 @@
-"""The scheduler: orders each model's requests by `seq_id` and feeds one engine worker thread.
+"""The scheduler: orders each model's requests, batches across models, and drives the engine.
 
 Ordering and idempotency (the SDK relies on both): a training client numbers its requests
 1, 2, 3, … per model and may send chunks of one call concurrently or re-send after a network
 error. A request is held until its predecessor arrived, then queued; a repeated
-`(model_id, seq_id)` gets the original future back. Requests that are not per-model ordered
-(create_model, sampling) are queued as they come.
+`(model_id, seq_id)` gets the original future back.
 
-The worker executes one job at a time, in queue order. A job that raises fails only its own
-future: a `TuneforgeError` with its own message and category, anything else as a server error
-with the traceback logged.
+Queues. Work is queued per base model ("lane"). One engine thread serves everything, in a loop:
+1. admit waiting sampling requests into their base model's running decode batch, oldest first,
+   while there is room (a request never overtakes an older one that does not fit yet);
+2. run one training unit from the next lane in round-robin order: the lane's oldest request,
+   and, if it is a forward / forward_backward, the oldest forward / forward_backward of every
+   other model in that lane whose turn it is, up to a token budget, all in shared passes;
+3. run one decoding step for every base model with rows running.
+
+Fairness, therefore: base models take turns; within one, requests go in arrival order; a model
+contributes at most one request to a pass, so a tenant that sends huge requests delays the others
+by at most one pass, and every sampling request advances by one token per loop turn however much
+training is queued. An `optim_step` waits only for its own model's earlier requests.
+
+A request that fails fails only its own future: a `TuneforgeError` with its own message and
+category, anything else as a server error with the traceback logged.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tuneforge.engine.sampler import SampleRequest, SampleResult
+from tuneforge.engine.types import ForwardBackwardInput, ForwardBackwardResult
 from tuneforge.errors import TuneforgeError
 from tuneforge.scheduler.futures import Future, FutureStore
+from tuneforge.scheduler.stats import Stats
 
 logger = logging.getLogger(__name__)
-
-Job = Callable[[], dict | bytes]
 
 _DEDUPE_HISTORY = 4096
 
 
 @dataclass
+class Work:
+    """What a queued request does. Exactly one of `run`, `fb`, `sample` is set."""
+
+    lane: str = ""  # the base model it runs on ("" = none)
+    model_id: str | None = None
+    run: Callable[[], dict | bytes] | None = None
+    fb: ForwardBackwardInput | None = None
+    encode_fb: Callable[[ForwardBackwardResult], bytes] | None = None
+    sample: Callable[[], tuple[str, SampleRequest]] | None = None  # validate → (sampler, request)
+    encode_sample: Callable[[SampleResult], bytes] | None = None
+
+    @property
+    def cost(self) -> int:
+        return sum(len(d.tokens) for d in self.fb.data) if self.fb is not None else 0
+
+
+@dataclass
 class _Sequencer:
     next_seq: int = 1
-    waiting: dict[int, tuple[Future, Job]] = field(default_factory=dict)
+    waiting: dict[int, tuple[Future, Work]] = field(default_factory=dict)
     seen: OrderedDict[int, Future] = field(default_factory=OrderedDict)
 
 
 class Scheduler:
-    def __init__(self, futures: FutureStore, on_thread_start: Callable[[], None] | None = None):
+    def __init__(self, futures: FutureStore, engine, batch_tokens: int = 16384,
+                 on_thread_start: Callable[[], None] | None = None) -> None:
         self.futures = futures
-        self._queue: queue.Queue[tuple[Future, Job] | None] = queue.Queue()
+        self.engine = engine
+        self.batch_tokens = batch_tokens
+        self.stats = Stats()
+        self._lanes: dict[str, deque[tuple[Future, Work]]] = {}
+        self._samples: deque[tuple[Future, Work]] = deque()
+        self._decoding: dict[str, tuple[Future, Work]] = {}
         self._sequencers: dict[str, _Sequencer] = {}
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._round = 0
+        self._stopping = False
         self._on_thread_start = on_thread_start
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="tuneforge-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="tuneforge-engine", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         if self._thread is not None:
-            self._queue.put(None)
             self._thread.join(timeout)
             self._thread = None
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        with self._cond:
+            return sum(len(q) for q in self._lanes.values()) + len(self._samples)
+
+    def depths(self) -> dict[str, int]:
+        with self._cond:
+            out = {lane: len(q) for lane, q in self._lanes.items()}
+        out["(sampling admission)"] = len(self._samples)
+        return out
 
     # ---- submission ---------------------------------------------------------------------------
 
-    def submit(self, fut: Future, job: Job) -> Future:
-        self._queue.put((fut, job))
+    def submit(self, fut: Future, work: Work) -> Future:
+        with self._cond:
+            if work.sample is not None:
+                self._samples.append((fut, work))
+            else:
+                self._lanes.setdefault(work.lane, deque()).append((fut, work))
+            self._cond.notify()
         return fut
 
     def open_model(self, model_id: str, next_seq: int = 1) -> None:
         """Start ordering `model_id`'s requests; its first expected `seq_id` is `next_seq`."""
-        with self._lock:
+        with self._cond:
             self._sequencers.setdefault(model_id, _Sequencer(next_seq=next_seq))
 
     def close_model(self, model_id: str) -> None:
-        with self._lock:
+        with self._cond:
             self._sequencers.pop(model_id, None)
 
     def submit_ordered(self, model_id: str, seq_id: int, request_type: str, owner: str,
-                       job: Job) -> Future:
-        """Queue `job` as request `seq_id` of `model_id`, or return the future of a repeat."""
-        ready: list[tuple[Future, Job]] = []
-        with self._lock:
+                       work: Work) -> Future:
+        """Queue `work` as request `seq_id` of `model_id`, or return the future of a repeat."""
+        with self._cond:
             seqr = self._sequencers.get(model_id)
             if seqr is not None and seq_id in seqr.seen:
                 return seqr.seen[seq_id]
@@ -98,37 +147,129 @@ class Scheduler:
             seqr.seen[seq_id] = fut
             while len(seqr.seen) > _DEDUPE_HISTORY:
                 seqr.seen.popitem(last=False)
-            seqr.waiting[seq_id] = (fut, job)
+            seqr.waiting[seq_id] = (fut, work)
             while seqr.next_seq in seqr.waiting:
-                ready.append(seqr.waiting.pop(seqr.next_seq))
+                ready_fut, ready_work = seqr.waiting.pop(seqr.next_seq)
+                self._lanes.setdefault(ready_work.lane, deque()).append((ready_fut, ready_work))
                 seqr.next_seq += 1
-        for item in ready:
-            self._queue.put(item)
+            self._cond.notify()
         return fut
 
-    # ---- worker -------------------------------------------------------------------------------
+    # ---- the engine thread --------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _loop(self) -> None:
         if self._on_thread_start is not None:
             self._on_thread_start()
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fut, job = item
-            self.run_now(fut, job)
+            with self._cond:
+                while not (self._stopping or self._samples or self.engine.decoding
+                           or any(self._lanes.values())):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                unit = self._take_unit()
+            self._admit_samples()
+            if unit:
+                self._run_unit(unit)
+            if self.engine.decoding:
+                self._decode_step()
 
-    def run_now(self, fut: Future, job: Job) -> None:
+    def _take_unit(self) -> list[tuple[Future, Work]]:
+        """The next lane's oldest request, with its batch mates. Caller holds the lock."""
+        lanes = [lane for lane, q in self._lanes.items() if q]
+        if not lanes:
+            return []
+        self._round += 1
+        queue = self._lanes[lanes[self._round % len(lanes)]]
+        head = queue.popleft()
+        if head[1].fb is None:
+            return [head]
+        unit, cost, taken, blocked, skipped = [head], head[1].cost, {head[1].model_id}, set(), []
+        while queue:
+            fut, work = queue.popleft()
+            fits = cost + work.cost <= self.batch_tokens
+            if work.fb is not None and fits and work.model_id not in taken | blocked:
+                unit.append((fut, work))
+                taken.add(work.model_id)
+                cost += work.cost
+            else:
+                if work.model_id is not None:
+                    blocked.add(work.model_id)  # its later requests must wait behind it
+                skipped.append((fut, work))
+        queue.extend(skipped)
+        return unit
+
+    def _admit_samples(self) -> None:
+        while True:
+            with self._cond:
+                if not self._samples:
+                    return
+                fut, work = self._samples[0]
+            try:
+                sampler_id, request = work.sample()
+                if not self.engine.has_room(sampler_id, request):
+                    return  # it waits for rows to free up; younger requests wait behind it
+                self.engine.admit(fut.request_id, sampler_id, request)
+            except Exception as e:
+                self._finish(fut, error=e)
+            else:
+                self._decoding[fut.request_id] = (fut, work)
+                self.stats.sample_requests += 1
+            with self._cond:
+                self._samples.popleft()
+
+    def _run_unit(self, unit: list[tuple[Future, Work]]) -> None:
         started = time.monotonic()
+        if unit[0][1].fb is None:
+            fut, work = unit[0]
+            try:
+                result = work.run()
+            except Exception as e:
+                self._finish(fut, error=e)
+            else:
+                self._finish(fut, result=result)
+            return
+        requests = [(work.model_id, work.fb) for _, work in unit]
         try:
-            result = job()
-        except TuneforgeError as e:
-            self.futures.fail(fut, e.message, e.category)
-        except Exception as e:  # a bug or a resource failure: fail this request, keep serving
-            logger.exception("request %s (%s) failed", fut.request_id, fut.request_type)
-            self.futures.fail(fut, f"internal error: {type(e).__name__}: {e}", "server")
-        else:
+            outcomes = self.engine.forward_backward_batch(requests)
+        except Exception as e:  # the engine already retried each request alone
+            outcomes = [e] * len(unit)
+        for (fut, work), outcome in zip(unit, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self._finish(fut, error=outcome)
+            else:
+                self._finish(fut, result=work.encode_fb(outcome))
+        self.stats.record_pass(len(unit), sum(work.cost for _, work in unit),
+                               time.monotonic() - started)
+
+    def _decode_step(self) -> None:
+        try:
+            finished = self.engine.decode_step()
+        except Exception as e:  # every request in the batch shares the failed step
+            logger.exception("decoding step failed")
+            self.engine.decoders.clear()
+            for fut, _ in self._decoding.values():
+                self._finish(fut, error=e)
+            self._decoding.clear()
+            return
+        self.stats.decode_steps += 1
+        for handle, result in finished:
+            fut, work = self._decoding.pop(handle)
+            self.stats.sampled_tokens += sum(len(s.tokens) for s in result.sequences)
+            try:
+                payload = work.encode_sample(result)
+            except Exception as e:
+                self._finish(fut, error=e)
+            else:
+                self._finish(fut, result=payload)
+
+    def _finish(self, fut: Future, result: dict | bytes | None = None,
+                error: Exception | None = None) -> None:
+        if error is None:
             self.futures.resolve(fut, result)
-        finally:
-            logger.debug("%s %s: queued %.3f s, ran %.3f s", fut.request_type, fut.request_id,
-                         started - fut.created, time.monotonic() - started)
+        elif isinstance(error, TuneforgeError):
+            self.futures.fail(fut, error.message, error.category)
+        else:  # a bug or a resource failure: fail this request, keep serving
+            logger.error("request %s (%s) failed", fut.request_id, fut.request_type,
+                         exc_info=error)
+            self.futures.fail(fut, f"internal error: {type(error).__name__}: {error}", "server")

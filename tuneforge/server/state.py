@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -16,7 +17,7 @@ from tuneforge.engine.engine import Engine
 from tuneforge.engine.models import ModelRegistry
 from tuneforge.errors import Gone, LimitExceeded, NotFound, UserError
 from tuneforge.scheduler.futures import Future, FutureStore
-from tuneforge.scheduler.queue import Scheduler
+from tuneforge.scheduler.queue import Scheduler, Work
 from tuneforge.settings import Settings
 from tuneforge.storage import recovery
 from tuneforge.storage.datadir import DataDir
@@ -41,8 +42,11 @@ class ServerState:
                              spill_dir=self.paths.samplers,
                              max_resident_samplers=settings.max_resident_samplers)
         self.futures = FutureStore(ttl_seconds=settings.result_ttl_seconds)
-        self.scheduler = Scheduler(self.futures, on_thread_start=self._pin_threads)
+        self.scheduler = Scheduler(self.futures, self.engine,
+                                   batch_tokens=settings.batch_tokens,
+                                   on_thread_start=self._pin_threads)
         self.model_owners: dict[str, str] = {}
+        self.model_lanes: dict[str, str] = {}  # model id -> its base model (its queue)
         # idempotency for requests that are not ordered by seq_id: key -> future
         self._dedupe: OrderedDict[tuple, Future] = OrderedDict()
         self._dedupe_lock = threading.Lock()
@@ -88,13 +92,14 @@ class ServerState:
         prefix = f"{session_id}:"
         for model_id in [m for m in self.model_owners if m.startswith(prefix)]:
             del self.model_owners[model_id]
+            self.model_lanes.pop(model_id, None)
             self.scheduler.close_model(model_id)
 
         def job() -> dict:
             self.engine.drop_session(session_id)
             return {}
 
-        self.scheduler.submit(self.futures.create("ReleaseSession", owner), job)
+        self.scheduler.submit(self.futures.create("ReleaseSession", owner), Work(run=job))
 
     # ---- owner-scoped lookups -----------------------------------------------------------------
     # Each raises NotFound both for what does not exist and for what another key owns.
@@ -138,15 +143,19 @@ class ServerState:
                 f"max_models_per_key={cap}; finish a session (ServiceClient.close) to free them")
 
     def submit_for_model(self, owner: str, model_id: str, seq_id: int, request_type: str,
-                         job) -> Future:
-        """Queue request `seq_id` of `model_id`; an unknown or foreign model fails its future."""
+                         work: Work | Callable[[], dict | bytes]) -> Future:
+        """Queue request `seq_id` of `model_id` (on the model's queue); an unknown or foreign
+        model fails its future."""
         try:
             self.check_model_owner(model_id, owner)
         except NotFound as e:
             fut = self.futures.create(request_type, owner, model_id)
             self.futures.fail(fut, e.message, "user")
             return fut
-        return self.scheduler.submit_ordered(model_id, seq_id, request_type, owner, job)
+        if not isinstance(work, Work):
+            work = Work(run=work)
+        work.lane, work.model_id = self.model_lanes.get(model_id, ""), model_id
+        return self.scheduler.submit_ordered(model_id, seq_id, request_type, owner, work)
 
     def checkpoint(self, tinker_path: str, owner: str) -> CheckpointRow:
         parse_tinker_path(tinker_path)

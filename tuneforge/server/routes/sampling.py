@@ -9,6 +9,7 @@ from tinker import types
 
 from tuneforge.engine.sampler import SampleRequest, SamplingParams
 from tuneforge.errors import Gone, LimitExceeded, Unsupported, UserError
+from tuneforge.scheduler.queue import Work
 from tuneforge.server import wire
 from tuneforge.server.deps import JsonBody, Owner, State, future_answer
 from tuneforge.server.state import ServerState, parse_tinker_path
@@ -59,13 +60,16 @@ def asample(state: State, owner: Owner, body: JsonBody) -> dict:
         fut = state.futures.create("Sample", owner)
         fut.extra["sample_sequence_ids"] = [
             f"{fut.request_id}:{i}" for i in range(max(req.num_samples, 0))]
+        layout: list[wire.SparseLayout | None] = [None]
 
-        def job() -> bytes:
-            sample_request, layout = build_sample_request(state, row, req)
+        def prepare() -> tuple[str, SampleRequest]:  # on the engine thread, at admission
+            sample_request, layout[0] = build_sample_request(state, row, req)
             ensure_sampler(state, row)
-            return wire.encode_sample(state.engine.sample(row.id, sample_request), layout)
+            return row.id, sample_request
 
-        return state.scheduler.submit(fut, job)
+        work = Work(lane=row.base_model, sample=prepare,
+                    encode_sample=lambda result: wire.encode_sample(result, layout[0]))
+        return state.scheduler.submit(fut, work)
 
     key = ("asample", row.id, req.seq_id) if req.seq_id is not None else None
     fut = state.once(key, submit)[0] if key else submit()

@@ -14,7 +14,8 @@ from tinker import types
 
 from tuneforge.engine import optim
 from tuneforge.engine.lora import LoRAConfig
-from tuneforge.errors import Unsupported, UserError
+from tuneforge.errors import TuneforgeError, Unsupported, UserError
+from tuneforge.scheduler.queue import Work
 from tuneforge.server import wire
 from tuneforge.server.deps import JsonBody, Owner, State, future_answer
 from tuneforge.server.state import ServerState
@@ -35,6 +36,7 @@ def register_run(state: ServerState, model_id: str, session_id: str, owner: str,
         train_unembed=lora.train_unembed, seed=lora.seed,
         user_metadata={str(k): str(v) for k, v in (user_metadata or {}).items()}))
     state.model_owners[model_id] = owner
+    state.model_lanes[model_id] = base_model
 
 
 def check_optimizer_config(config: types.OptimizerConfig | None) -> None:
@@ -66,7 +68,7 @@ def create_model(state: State, owner: Owner, body: JsonBody) -> dict:
                              req.user_metadata)
             return {"model_id": model_id, "type": "create_model"}
 
-        return state.scheduler.submit(fut, job)
+        return state.scheduler.submit(fut, Work(lane=req.base_model, run=job))
 
     fut, _ = state.once(("create_model", model_id), submit)
     return future_answer(fut)
@@ -104,12 +106,14 @@ def _submit_forward_backward(state: ServerState, owner: str, body: bytes,
                              encoding: str | None) -> dict:
     msg = wire.parse_forward_backward(body, encoding)  # an unreadable envelope is a 400
     request_type = "Forward" if msg.forward_only else "ForwardBackward"
+    try:
+        work = Work(fb=wire.forward_backward_input(msg), encode_fb=wire.encode_forward_backward)
+    except TuneforgeError as e:  # bad content fails this future, in order
+        def fail(error: TuneforgeError = e) -> bytes:
+            raise error
 
-    def job() -> bytes:
-        inp = wire.forward_backward_input(msg)  # bad content fails this future, in order
-        return wire.encode_forward_backward(state.engine.forward_backward(msg.model_id, inp))
-
-    fut = state.submit_for_model(owner, msg.model_id, msg.seq_id, request_type, job)
+        work = Work(run=fail)
+    fut = state.submit_for_model(owner, msg.model_id, msg.seq_id, request_type, work)
     return future_answer(fut)
 
 

@@ -8,12 +8,13 @@ from fastapi import APIRouter
 from tinker import types
 
 from tuneforge.errors import NotFound, Unsupported, UserError
+from tuneforge.scheduler.queue import Work
 from tuneforge.server import wire
 from tuneforge.server.deps import JsonBody, Owner, State, future_answer
 from tuneforge.server.routes.training import check_optimizer_config, model_id_for, register_run
 from tuneforge.server.state import ServerState, parse_tinker_path, tinker_path
 from tuneforge.storage import checkpoints
-from tuneforge.storage.db import CheckpointRow, SamplerRow, utcnow
+from tuneforge.storage.db import CheckpointRow, SamplerRow, TrainingRunRow, utcnow
 from tuneforge.storage.paths import check_name
 
 router = APIRouter(prefix="/api/v1")
@@ -164,7 +165,9 @@ def _create_via_load(state: ServerState, owner: str, req: types.LoadWeightsReque
                              tm.adapter.config, req.user_metadata)
             return {"model_id": model_id, "path": req.path, "type": "load_weights"}
 
-        return state.scheduler.submit(fut, job)
+        lane = req.base_model or state.db.get(TrainingRunRow, parse_tinker_path(req.path)[0]
+                                              ).base_model
+        return state.scheduler.submit(fut, Work(lane=lane, run=job))
 
     fut, _ = state.once(("create_model", model_id), submit)
     return future_answer(fut)

@@ -1,0 +1,214 @@
+"""Continuous batching: one decoding loop for every sampling request on a base model.
+
+A request is admitted with one prefill of its prompt (batch 1, its own adapter), which also
+yields its prompt scores; its KV cache is repeated for its `num_samples` rows, which join the
+running batch. Every `step()` picks the next token of every row (each request with its own
+temperature, top-k/top-p, stops and per-sample generators) and runs one forward pass over all
+rows still running, each routed to its request's adapter; a finished row leaves the batch at
+once and frees its place for a waiting request.
+
+Rows have different lengths, so the batch cache is left-padded: a boolean mask marks the real
+positions and every row carries its own position id. Columns that only hold padding are cut away
+as rows leave. A row's result does not depend on its neighbours beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from tuneforge.engine import lora
+from tuneforge.engine.models import BaseModel
+from tuneforge.engine.sampler import (
+    SampledSequence,
+    SampleRequest,
+    SampleResult,
+    StopChecker,
+    alt_tokens,
+    filter_logits,
+    prompt_scores,
+    row_seed,
+)
+
+
+@dataclass
+class _Pending:
+    """A request being decoded: its rows are consecutive in the batch."""
+
+    handle: Hashable
+    request: SampleRequest
+    adapter: lora.Adapter | None
+    result: SampleResult
+    generators: list[torch.Generator]
+    stop: StopChecker
+    live: list[int] = field(default_factory=list)  # sample indices still decoding, in row order
+    steps: int = 0
+
+
+class Decoder:
+    def __init__(self, base: BaseModel, precision: str = "fp32", max_rows: int = 64) -> None:
+        self.base = base
+        self.precision = precision
+        self.max_rows = max_rows
+        self.pending: list[_Pending] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, length] bool, True = real position
+        self.next_pos: torch.Tensor | None = None  # [rows] position id of the next token
+        self.next_logits: torch.Tensor | None = None  # [rows, vocab]
+
+    @property
+    def rows(self) -> int:
+        return sum(len(p.live) for p in self.pending)
+
+    def has_room(self, request: SampleRequest) -> bool:
+        return self.rows == 0 or self.rows + request.num_samples <= self.max_rows
+
+    def _autocast(self):
+        return torch.autocast(self.base.device.type, dtype=torch.bfloat16,
+                              enabled=self.precision == "bf16")
+
+    @torch.no_grad()
+    def admit(self, handle: Hashable, adapter: lora.Adapter | None,
+              request: SampleRequest) -> None:
+        """Prefill `request` and add its rows to the running batch."""
+        device, n = self.base.device, request.num_samples
+        prompt = torch.tensor([request.prompt], dtype=torch.long, device=device)
+        cache = DynamicCache()
+        with lora.activate(self.base.router, [lora.Segment(adapter, 0, 1)]), self._autocast():
+            logits = self.base.model(input_ids=prompt, past_key_values=cache,
+                                     use_cache=True).logits[0].float()
+        result = SampleResult(sequences=[SampledSequence() for _ in range(n)])
+        prompt_scores(result, logits, request)
+        params = request.params
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        generators = [torch.Generator(device=device).manual_seed(row_seed(seed, i))
+                      for i in range(n + 1)]  # the last one draws prompt_alt_tokens
+        if request.prompt_alt_tokens_k > 0:
+            alt_tokens(result, logits, request, generators[n])
+        cache.batch_repeat_interleave(n)
+        plen = len(request.prompt)
+        self._join(cache, torch.ones(n, plen, dtype=torch.bool, device=device),
+                   torch.full((n,), plen, dtype=torch.long, device=device),
+                   logits[-1:].expand(n, -1))
+        stop = StopChecker(params, self.base.decode)
+        self.pending.append(_Pending(handle, request, adapter, result, generators[:n], stop,
+                                     live=list(range(n))))
+
+    def _join(self, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor,
+              next_logits: torch.Tensor) -> None:
+        if self.cache is None:
+            self.cache, self.mask, self.next_pos, self.next_logits = (cache, mask, next_pos,
+                                                                      next_logits)
+            return
+        old, new = self.mask.shape[1], mask.shape[1]
+        length = max(old, new)
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)])
+            mine.values = torch.cat([_pad_left(mine.values, length),
+                                     _pad_left(theirs.values, length)])
+        self.mask = torch.cat([_pad_left(self.mask, length, dim=1),
+                               _pad_left(mask, length, dim=1)])
+        self.next_pos = torch.cat([self.next_pos, next_pos])
+        self.next_logits = torch.cat([self.next_logits, next_logits])
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Hashable, SampleResult]]:
+        """Pick one token for every row, advance the rows that go on; return finished requests."""
+        if not self.pending:
+            return []
+        chosen_all, keep, row = [], [], 0
+        for p in self.pending:
+            n = len(p.live)
+            logits = self.next_logits[row:row + n]
+            chosen = self._choose(p, logits)
+            chosen_all.append(chosen)
+            for r, sample_index in enumerate(list(p.live)):
+                if self._record(p, sample_index, logits[r], int(chosen[r])):
+                    keep.append(row + r)
+                else:
+                    p.live.remove(sample_index)
+            p.steps += 1
+            if p.steps >= p.request.params.max_tokens and p.live:  # out of budget: stop rows
+                keep = [k for k in keep if not row <= k < row + n]
+                p.live = []
+            row += n
+        finished = [(p.handle, p.result) for p in self.pending if not p.live]
+        self.pending = [p for p in self.pending if p.live]
+        chosen = torch.cat(chosen_all)
+        if not keep:
+            self.cache = self.mask = self.next_pos = self.next_logits = None
+            return finished
+        self._advance(chosen, keep)
+        return finished
+
+    def _choose(self, p: _Pending, logits: torch.Tensor) -> torch.Tensor:
+        params = p.request.params
+        if params.temperature == 0:
+            return torch.argmax(logits, dim=-1)
+        probs = torch.softmax(filter_logits(logits, params), dim=-1)
+        return torch.cat([torch.multinomial(probs[r], 1, generator=p.generators[s])
+                          for r, s in enumerate(p.live)])
+
+    def _record(self, p: _Pending, sample_index: int, logits: torch.Tensor, token: int) -> bool:
+        """Append `token` to a row; False if the row stops here."""
+        params, k = p.request.params, p.request.topk_sample_logprobs
+        scale = params.temperature if params.temperature > 0 else 1.0
+        logprobs = torch.log_softmax(logits / scale, dim=-1)
+        seq = p.result.sequences[sample_index]
+        seq.tokens.append(token)
+        seq.logprobs.append(float(logprobs[token]))
+        if k > 0:
+            top = torch.topk(logprobs, k)
+            seq.topk_ids.append(top.indices.tolist())
+            seq.topk_logprobs.append(top.values.tolist())
+        if p.stop(seq.tokens):
+            seq.stop_reason = "stop"
+            return False
+        return True
+
+    def _advance(self, chosen: torch.Tensor, keep: list[int]) -> None:
+        if len(keep) < chosen.shape[0]:
+            index = torch.tensor(keep, device=chosen.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+            chosen = chosen[index]
+            padding = int((~self.mask).all(dim=0).long().cumprod(0).sum())
+            if padding:  # drop the columns that are padding in every remaining row
+                for layer in self.cache.layers:
+                    layer.keys = layer.keys[:, :, padding:]
+                    layer.values = layer.values[:, :, padding:]
+                self.mask = self.mask[:, padding:]
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        segments, start = [], 0
+        for p in self.pending:
+            segments.append(lora.Segment(p.adapter, start, start + len(p.live)))
+            start += len(p.live)
+        with lora.activate(self.base.router, segments), self._autocast():
+            out = self.base.model(input_ids=chosen[:, None], attention_mask=self.mask.long(),
+                                  position_ids=self.next_pos[:, None],
+                                  past_key_values=self.cache, use_cache=True)
+        self.next_pos = self.next_pos + 1
+        self.next_logits = out.logits[:, -1].float()
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+
+
+def sample_alone(base: BaseModel, adapter: lora.Adapter | None, request: SampleRequest,
+                 precision: str = "fp32") -> SampleResult:
+    """Decode one request by itself (the same code path, a batch of one request)."""
+    decoder = Decoder(base, precision, max_rows=request.num_samples)
+    decoder.admit(0, adapter, request)
+    while True:
+        for _, result in decoder.step():
+            return result

@@ -1,0 +1,157 @@
+"""Forward/backward passes that serve several adapters' requests at once.
+
+Requests of different adapters on the same base model are packed into shared passes: their
+datums become consecutive rows of one padded batch, each request's rows routed to its own
+adapter (`lora.Segment`), so the base model's matmuls run once for everybody while each adapter
+adds its own low-rank delta to its own rows. The loss of a pass is the sum of the requests' losses;
+since adapters share no parameters, one backward yields each adapter exactly the gradient it
+would get alone. Gradients are collected per request and only committed when all of that request
+is done, so a request that fails leaves nothing behind.
+
+Passes are bounded by a padded-token budget; a request bigger than the budget is split over
+several passes (its gradients add up).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tuneforge.engine import lora, losses
+from tuneforge.engine.models import BaseModel
+from tuneforge.engine.types import ForwardBackwardResult
+from tuneforge.errors import UserError
+
+# Padded tokens per forward pass.
+MICROBATCH_TOKENS = 8192
+
+Row = tuple[torch.Tensor, dict[str, torch.Tensor]]  # tokens [N], loss inputs
+
+
+@dataclass
+class Job:
+    """One validated forward / forward_backward request of one adapter."""
+
+    adapter: lora.Adapter
+    rows: list[Row]
+    spec: losses.LossSpec
+    config: Mapping[str, float]
+    forward_only: bool
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    loss: float = 0.0
+    grads: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget partial results (before running the job again)."""
+        self.outputs, self.loss = [], 0.0
+        self.grads = [None] * len(self.adapter.parameters())
+
+
+def run(base: BaseModel, jobs: list[Job], precision: str) -> list[ForwardBackwardResult]:
+    """Run `jobs` (distinct adapters of `base`) in shared passes; commit each job's gradient."""
+    for pass_ in _plan(jobs):
+        _run_pass(base, pass_, precision)
+    results = []
+    for job in jobs:
+        if not math.isfinite(job.loss):
+            results.append(UserError(f"loss is not finite ({job.loss}); no gradient was "
+                                     "accumulated"))
+            continue
+        for p, g in zip(job.adapter.parameters(), job.grads, strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        results.append(ForwardBackwardResult(outputs=job.outputs,
+                                             metrics={"loss:sum": job.loss}))
+    return results
+
+
+def _plan(jobs: list[Job]) -> list[list[tuple[Job, list[Row]]]]:
+    """Pack (job, rows) pieces into passes under the padded-token budget, keeping row order."""
+    passes: list[list[tuple[Job, list[Row]]]] = []
+    current: list[tuple[Job, list[Row]]] = []
+    rows_in_pass, longest = 0, 0
+    for job in jobs:
+        piece: list[Row] = []
+        for row in job.rows:
+            longer = max(longest, len(row[0]))
+            if rows_in_pass and longer * (rows_in_pass + 1) > MICROBATCH_TOKENS:
+                if piece:
+                    current.append((job, piece))
+                passes.append(current)
+                current, piece, rows_in_pass, longer = [], [], 0, len(row[0])
+            piece.append(row)
+            rows_in_pass += 1
+            longest = longer
+        if piece:
+            current.append((job, piece))
+    if current:
+        passes.append(current)
+    return passes
+
+
+def _run_pass(base: BaseModel, pieces: list[tuple[Job, list[Row]]], precision: str) -> None:
+    rows = [row for _, piece in pieces for row in piece]
+    segments, start = [], 0
+    for job, piece in pieces:
+        segments.append(lora.Segment(job.adapter, start, start + len(piece)))
+        start += len(piece)
+    backward = [job for job, _ in pieces if not job.forward_only]
+    with torch.set_grad_enabled(bool(backward)):
+        lps, elementwise = _losses(base, rows, segments, pieces, precision)
+    offset = 0
+    item_losses = []
+    for job, piece in pieces:
+        mine = elementwise[offset:offset + len(piece)]
+        item_loss = sum(e.sum() for e in mine)
+        item_losses.append(item_loss)
+        job.loss += float(item_loss.detach())
+        for lp, e in zip(lps[offset:offset + len(piece)], mine, strict=True):
+            job.outputs.append({"logprobs": lp.detach().float().cpu().numpy(),
+                                "elementwise_loss": e.detach().float().cpu().numpy()})
+        offset += len(piece)
+    if not backward:
+        return
+    total = sum(loss for (job, _), loss in zip(pieces, item_losses, strict=True)
+                if not job.forward_only)
+    params = [p for job in backward for p in job.adapter.parameters()]
+    grads = iter(torch.autograd.grad(total, params, allow_unused=True))
+    for job in backward:
+        for i in range(len(job.grads)):
+            g = next(grads)
+            if g is not None:
+                job.grads[i] = g if job.grads[i] is None else job.grads[i] + g
+
+
+def _losses(base: BaseModel, rows: list[Row], segments: list[lora.Segment],
+            pieces: list[tuple[Job, list[Row]]], precision: str):
+    tokens = torch.nn.utils.rnn.pad_sequence([t for t, _ in rows], batch_first=True)
+    # Right padding needs no attention mask: causal attention never looks ahead, so real
+    # positions are unaffected by the padding after them.
+    autocast = torch.autocast(base.device.type, dtype=torch.bfloat16,
+                              enabled=precision == "bf16")
+    with lora.activate(base.router, segments), autocast:
+        logits = base.model(input_ids=tokens, use_cache=False).logits
+    # Gather every row's targets from the padded batch in one op: slicing the [B, T, V] logits
+    # per row would make autograd materialise a full-size zero gradient per slice.
+    widths = [1 if inputs["target_tokens"].ndim == 1 else inputs["target_tokens"].shape[1]
+              for _, inputs in rows]
+    index = torch.zeros(*tokens.shape, max(widths), dtype=torch.long, device=tokens.device)
+    for r, (t, inputs) in enumerate(rows):
+        index[r, : len(t), : widths[r]] = inputs["target_tokens"].view(len(t), -1)
+    logits = logits.float()
+    picked = logits.gather(-1, index) - torch.logsumexp(logits, -1, keepdim=True)
+    lps, elementwise, r = [], [], 0
+    for job, piece in pieces:
+        for t, inputs in piece:
+            lp = picked[r, : len(t), : widths[r]].reshape(inputs["target_tokens"].shape)
+            lps.append(lp)
+            elementwise.append(job.spec.fn(lp, inputs, job.config))
+            r += 1
+    return lps, elementwise
