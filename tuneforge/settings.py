@@ -59,8 +59,15 @@ class Settings(BaseSettings):
     gather; a request bigger than this runs alone."""
     max_decode_rows: int = Field(64, ge=1)
     """Samples decoded together per base model; further requests wait for a free row."""
-    max_resident_samplers: int = Field(32, ge=1)
-    """Sampler weights kept in memory; older snapshots are written to disk and reloaded."""
+    base_memory_mb: int = Field(0, ge=0)
+    """Memory for base models; 0 = no limit. A base model nothing uses is unloaded to make room
+    for another (and loaded again on its next use)."""
+    adapter_memory_mb: int = Field(4096, ge=1)
+    """Memory for adapters (training models with their gradients and optimizer state, and
+    sampler weights) on the compute device; the least recently used beyond it are offloaded and
+    reloaded on their next request."""
+    cpu_offload_memory_mb: int = Field(16384, ge=0)
+    """On a GPU: CPU memory for adapters offloaded from it before they go to disk."""
     long_poll_seconds: float = Field(20.0, gt=0, lt=45)
     """How long retrieve_future holds a request for a result; the SDK times out at 45 s."""
     result_ttl_seconds: float = Field(3600.0, gt=0)

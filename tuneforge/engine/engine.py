@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tuneforge.engine import decoder, lora, losses, passes
+from tuneforge.engine import decoder, lora, losses, passes, residency
 from tuneforge.engine.models import BaseModel, ModelRegistry
 from tuneforge.engine.optim import AdamParams, AdamW
 from tuneforge.engine.sampler import SampleRequest, SampleResult
 from tuneforge.engine.types import Datum, ForwardBackwardInput, ForwardBackwardResult
-from tuneforge.errors import LimitExceeded, NotFound, TuneforgeError, Unsupported, UserError
+from tuneforge.errors import (
+    EngineError,
+    LimitExceeded,
+    NotFound,
+    TuneforgeError,
+    Unsupported,
+    UserError,
+)
 from tuneforge.settings import Limits
 from tuneforge.storage import checkpoints
 
@@ -35,9 +41,11 @@ logger = logging.getLogger(__name__)
 class TrainingModel:
     model_id: str
     base: BaseModel
-    adapter: lora.Adapter
-    optimizer: AdamW
+    adapter: lora.Adapter | None  # None while offloaded to disk
+    optimizer: AdamW | None
+    config: lora.LoRAConfig
     steps: int = 0
+    where: str = "device"  # "device" | "cpu" | "disk"
 
 
 @dataclass
@@ -55,19 +63,25 @@ class Engine:
         max_lora_rank: int = 128,
         precision: str = "fp32",
         spill_dir: Path | None = None,
-        max_resident_samplers: int = 32,
+        offload_dir: Path | None = None,
+        adapter_memory_bytes: int = 4 << 30,
+        cpu_memory_bytes: int = 16 << 30,
         max_decode_rows: int = 64,
     ) -> None:
         self.registry = registry
+        registry.in_use = self._base_in_use
         self.limits = limits
         self.max_lora_rank = max_lora_rank
         self.precision = precision
         self.models: dict[str, TrainingModel] = {}
-        # Least recently used first. Evicted snapshots are written to `spill_dir` and reloaded
-        # from there; samplers of checkpoints or base models are simply reloaded from source.
-        self.samplers: OrderedDict[str, SamplerWeights] = OrderedDict()
+        # Adapters in memory, within a byte budget (see residency.py). Evicted training models go
+        # to `offload_dir`; evicted snapshot samplers to `spill_dir`; samplers of checkpoints or
+        # base models are simply reloaded from their source.
+        self.samplers: dict[str, SamplerWeights] = {}
         self.spill_dir = spill_dir
-        self.max_resident_samplers = max_resident_samplers
+        self.offload_dir = offload_dir
+        self.budget = residency.Budget(adapter_memory_bytes)
+        self.cpu_budget = residency.Budget(cpu_memory_bytes)  # second tier, on GPUs only
         self.max_decode_rows = max_decode_rows
         self.decoders: dict[str, decoder.Decoder] = {}  # per base model: the running batch
 
@@ -87,8 +101,10 @@ class Engine:
     def _add_model(self, model_id: str, base: BaseModel, adapter: lora.Adapter) -> TrainingModel:
         if model_id in self.models:
             raise UserError(f"model_id {model_id} already exists")
-        tm = TrainingModel(model_id, base, adapter, AdamW(adapter.parameters()))
+        tm = TrainingModel(model_id, base, adapter, AdamW(adapter.parameters()), adapter.config)
         self.models[model_id] = tm
+        self.budget.add(("model", model_id), residency.training_bytes(adapter, tm.optimizer))
+        self._make_room({("model", model_id)})
         logger.info("created %s on %s: rank %d, groups %s, %d LoRA parameters", model_id,
                     base.name, adapter.config.rank, adapter.config.groups, adapter.num_parameters())
         return tm
@@ -100,13 +116,75 @@ class Engine:
             yield
         except BaseException:
             self.models.pop(model_id, None)
+            self.budget.discard(("model", model_id))
             raise
 
-    def model(self, model_id: str) -> TrainingModel:
+    def model(self, model_id: str, pinned: frozenset = frozenset()) -> TrainingModel:
+        """A training model, brought back into memory if it was offloaded."""
         tm = self.models.get(model_id)
         if tm is None:
             raise NotFound(f"model_id {model_id!r} is not a training model on this server")
+        key = ("model", model_id)
+        if tm.where != "device":
+            self._bring_back(tm)
+            self._make_room(pinned | {key})
+        self.budget.touch(key)
         return tm
+
+    # ---- residency ----------------------------------------------------------------------------
+
+    def _bring_back(self, tm: TrainingModel) -> None:
+        device = tm.base.device
+        if tm.where == "disk":
+            tm.adapter, tm.optimizer = residency.load(self._offload_path(tm.model_id),
+                                                      tm.config, device)
+        else:
+            self.cpu_budget.discard(("model", tm.model_id))
+            residency.move(tm.adapter, tm.optimizer, device)
+        tm.where = "device"
+        self.budget.add(("model", tm.model_id),
+                        residency.training_bytes(tm.adapter, tm.optimizer))
+
+    def _make_room(self, pinned: set) -> None:
+        """Release least recently used adapters until the budget holds (never `pinned` ones)."""
+        for key in self.budget.victims(pinned):
+            self.budget.discard(key)
+            kind, ident = key
+            if kind == "sampler":
+                self._evict_sampler(ident)
+                continue
+            tm = self.models[ident]
+            if tm.base.device.type != "cpu":  # GPU → CPU first
+                residency.move(tm.adapter, tm.optimizer, torch.device("cpu"))
+                tm.where = "cpu"
+                self.cpu_budget.add(key, residency.training_bytes(tm.adapter, tm.optimizer))
+                for cold in self.cpu_budget.victims(set()):
+                    self.cpu_budget.discard(cold)
+                    self._to_disk(self.models[cold[1]])
+            else:
+                self._to_disk(tm)
+
+    def _to_disk(self, tm: TrainingModel) -> None:
+        if self.offload_dir is None:
+            raise EngineError("adapter memory budget exceeded and no offload directory is set")
+        residency.save(self._offload_path(tm.model_id), tm.adapter, tm.optimizer)
+        tm.adapter = tm.optimizer = None
+        tm.where = "disk"
+        logger.info("offloaded %s to disk", tm.model_id)
+
+    def _offload_path(self, model_id: str) -> Path:
+        return self.offload_dir / f"{model_id}.pt"
+
+    def _base_in_use(self, name: str) -> bool:
+        return (any(tm.base.name == name for tm in self.models.values())
+                or any(w.base.name == name for w in self.samplers.values())
+                or bool(self.decoders.get(name) and self.decoders[name].pending))
+
+    def residency_counts(self) -> dict[str, int]:
+        counts = {"device": 0, "cpu": 0, "disk": 0}
+        for tm in self.models.values():
+            counts[tm.where] += 1
+        return counts
 
     def forward_backward(self, model_id: str, inp: ForwardBackwardInput) -> ForwardBackwardResult:
         outcome = self.forward_backward_batch([(model_id, inp)])[0]
@@ -125,9 +203,10 @@ class Engine:
         """
         outcomes: list[ForwardBackwardResult | Exception | None] = [None] * len(requests)
         by_base: dict[str, list[tuple[int, passes.Job]]] = {}
+        pinned = frozenset(("model", model_id) for model_id, _ in requests)
         for i, (model_id, inp) in enumerate(requests):
             try:
-                base, job = self._prepare(model_id, inp)
+                base, job = self._prepare(model_id, inp, pinned)
             except TuneforgeError as e:
                 outcomes[i] = e
                 continue
@@ -150,10 +229,13 @@ class Engine:
                         results.append(e)
             for (i, _), result in zip(items, results, strict=True):
                 outcomes[i] = result
+        self._account([self.models[model_id] for model_id, _ in requests
+                       if model_id in self.models and self.models[model_id].where == "device"])
         return outcomes
 
-    def _prepare(self, model_id: str, inp: ForwardBackwardInput) -> tuple[BaseModel, passes.Job]:
-        tm = self.model(model_id)
+    def _prepare(self, model_id: str, inp: ForwardBackwardInput,
+                 pinned: frozenset) -> tuple[BaseModel, passes.Job]:
+        tm = self.model(model_id, pinned)
         spec = losses.get_loss(inp.loss_fn)
         config = losses.resolve_config(spec, inp.loss_fn, inp.loss_fn_config)
         rows = self._to_tensors(tm.base, inp.data, spec, inp.loss_fn)
@@ -163,7 +245,17 @@ class Engine:
         tm = self.model(model_id)
         metrics = tm.optimizer.step(hp)
         tm.steps += 1
+        self._account([tm])
         return metrics
+
+    def _account(self, models: list[TrainingModel]) -> None:
+        """Re-measure models whose gradients or optimizer state grew; release others if over."""
+        keys = set()
+        for tm in models:
+            keys.add(("model", tm.model_id))
+            self.budget.add(("model", tm.model_id),
+                            residency.training_bytes(tm.adapter, tm.optimizer))
+        self._make_room(keys)
 
     # ---- checkpoints ------------------------------------------------------------------------
 
@@ -269,25 +361,33 @@ class Engine:
 
     def _add_sampler(self, sampler_id: str, weights: SamplerWeights) -> None:
         self.samplers[sampler_id] = weights
-        self.samplers.move_to_end(sampler_id)
-        while len(self.samplers) > self.max_resident_samplers:
-            old_id, old = self.samplers.popitem(last=False)
-            if old.snapshot and old.adapter is not None and self.spill_dir is not None:
-                cfg = old.adapter.config
-                checkpoints.save(
-                    self.spill_dir / old_id, old.adapter.A, old.adapter.B,
-                    checkpoints.peft_adapter_config(old.base.name, cfg.rank, cfg.alpha,
-                                                    list(old.adapter.A)),
-                    {"base_model": old.base.name, "sampler_id": old_id,
-                     "lora": {"seed": cfg.seed}})
-            logger.info("sampler %s evicted from memory", old_id)
+        nbytes = residency.tensors_bytes(weights.adapter.parameters()) if weights.adapter else 0
+        self.budget.add(("sampler", sampler_id), nbytes)
+        self._make_room({("sampler", sampler_id)})
+
+    def _evict_sampler(self, sampler_id: str) -> None:
+        """Drop a sampler's weights from memory; a snapshot is written out first."""
+        old = self.samplers.pop(sampler_id)
+        if old.snapshot and old.adapter is not None and self.spill_dir is not None:
+            cfg = old.adapter.config
+            checkpoints.save(
+                self.spill_dir / sampler_id, old.adapter.A, old.adapter.B,
+                checkpoints.peft_adapter_config(old.base.name, cfg.rank, cfg.alpha,
+                                                list(old.adapter.A)),
+                {"base_model": old.base.name, "sampler_id": sampler_id,
+                 "lora": {"seed": cfg.seed}})
+        logger.info("sampler %s evicted from memory", sampler_id)
 
     def drop_session(self, session_id: str) -> None:
         """Forget the training models and samplers of a finished session."""
         prefix = f"{session_id}:"
-        for table in (self.models, self.samplers):
+        for kind, table in (("model", self.models), ("sampler", self.samplers)):
             for key in [k for k in table if k.startswith(prefix)]:
+                if kind == "model" and table[key].where == "disk":
+                    self._offload_path(key).unlink(missing_ok=True)
                 del table[key]
+                self.budget.discard((kind, key))
+                self.cpu_budget.discard((kind, key))
         if self.spill_dir is not None:
             for folder in self.spill_dir.glob(f"{session_id}:*"):
                 checkpoints.remove(folder)
@@ -318,8 +418,10 @@ class Engine:
     def decode_step(self) -> list[tuple[Hashable, SampleResult]]:
         """One decoding step of every base model with rows running."""
         finished = []
-        for dec in self.decoders.values():
+        for name, dec in list(self.decoders.items()):
             finished += dec.step()
+            if not dec.pending:
+                del self.decoders[name]  # holds its base model; made again on demand
         return finished
 
     @property
@@ -330,7 +432,7 @@ class Engine:
         weights = self.samplers.get(sampler_id)
         if weights is None:
             raise NotFound(f"sampling_session_id {sampler_id!r} is not known to this server")
-        self.samplers.move_to_end(sampler_id)
+        self.budget.touch(("sampler", sampler_id))
         self._check_prompt(weights.base, request)
         return weights
 

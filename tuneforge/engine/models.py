@@ -21,6 +21,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from tuneforge.engine import lora, smollm2, tiny
-from tuneforge.errors import UserError
+from tuneforge.errors import LimitExceeded, UserError
 from tuneforge.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,11 @@ class BaseModel:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in {id(p): p for p in self.model.parameters()}.values())
+
 
 def safe_dirname(name: str) -> str:
     return name.replace("/", "--").replace(":", "_")
@@ -74,17 +80,19 @@ class ModelRegistry:
     """Thread-safe name → `BaseModel`, loading on first use."""
 
     def __init__(self, models_dir: Path, device: torch.device,
-                 aliases: dict[str, str] | None = None) -> None:
+                 aliases: dict[str, str] | None = None, memory_bytes: int = 0) -> None:
         self.models_dir = models_dir
         self.device = device
         self.aliases = dict(aliases or {})
-        self._loaded: dict[str, BaseModel] = {}
+        self.memory_bytes = memory_bytes  # 0 = no limit
+        self.in_use: Callable[[str], bool] = lambda name: True  # set by the engine
+        self._loaded: OrderedDict[str, BaseModel] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings, default_dir: Path) -> ModelRegistry:
         return cls(settings.models_dir or default_dir, pick_device(settings.device),
-                   aliases=settings.model_aliases)
+                   aliases=settings.model_aliases, memory_bytes=settings.base_memory_mb << 20)
 
     def offered(self) -> list[str]:
         names = list(tiny.TINY_MODELS)
@@ -97,6 +105,11 @@ class ModelRegistry:
     def loaded(self) -> list[str]:
         return list(self._loaded)
 
+    def sizes(self) -> dict[str, int]:
+        """Parameter bytes of each loaded base model (does not count as a use)."""
+        with self._lock:
+            return {name: b.nbytes for name, b in self._loaded.items()}
+
     def get(self, name: str) -> BaseModel:
         if (not isinstance(name, str) or not name or len(name) > 512
                 or any(ord(c) < 32 for c in name)):
@@ -105,7 +118,29 @@ class ModelRegistry:
         with self._lock:
             if name not in self._loaded:
                 self._loaded[name] = self._load(name)
+                self._fit(name)
+            self._loaded.move_to_end(name)
             return self._loaded[name]
+
+    def _fit(self, newest: str) -> None:
+        """Unload unused base models, least recently used first, until the budget holds."""
+        if not self.memory_bytes:
+            return
+        for name in list(self._loaded):
+            if self._used() <= self.memory_bytes:
+                return
+            if name != newest and not self.in_use(name):
+                logger.info("unloading base model %s (memory budget)", name)
+                del self._loaded[name]
+        if self._used() > self.memory_bytes:
+            size = self._loaded.pop(newest).nbytes
+            raise LimitExceeded(
+                f"base_model '{newest}' ({size >> 20} MB) does not fit the base-model memory "
+                f"budget base_memory_mb={self.memory_bytes >> 20} beside the models in use: "
+                f"{', '.join(self._loaded)}")
+
+    def _used(self) -> int:
+        return sum(b.nbytes for b in self._loaded.values())
 
     def _load(self, name: str) -> BaseModel:
         folder = self.resolve(name)

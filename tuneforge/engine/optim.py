@@ -71,6 +71,14 @@ class AdamW:
         self.zero_grad()
         return {"grad_norm:mean": grad_norm, "learning_rate:mean": hp.learning_rate}
 
+    def rebind(self, params: list[torch.Tensor]) -> None:
+        """Continue with new tensors for the same parameters (e.g. moved to another device);
+        the moments and step count carry over, cast to the new tensors' device."""
+        state = self.optimizer.state_dict()
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        self.optimizer.load_state_dict(state)
+
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None

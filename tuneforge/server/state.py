@@ -39,8 +39,10 @@ class ServerState:
         self.registry = ModelRegistry.from_settings(settings, self.paths.models)
         self.engine = Engine(self.registry, settings.limits,
                              max_lora_rank=settings.max_lora_rank, precision=settings.precision,
-                             spill_dir=self.paths.samplers,
-                             max_resident_samplers=settings.max_resident_samplers)
+                             spill_dir=self.paths.samplers, offload_dir=self.paths.offload,
+                             adapter_memory_bytes=settings.adapter_memory_mb << 20,
+                             cpu_memory_bytes=settings.cpu_offload_memory_mb << 20,
+                             max_decode_rows=settings.max_decode_rows)
         self.futures = FutureStore(ttl_seconds=settings.result_ttl_seconds)
         self.scheduler = Scheduler(self.futures, self.engine,
                                    batch_tokens=settings.batch_tokens,

@@ -7,6 +7,7 @@
       models/                 built-in and converted base models (unless models_dir is set)
       checkpoints/<run>/<kind>/<name>/   one folder per checkpoint (see checkpoints.py)
       samplers/<sampler>/     in-memory sampler snapshots written out when evicted
+      offload/<model>.pt      training models offloaded from memory (dropped at start)
 
 Every name that reaches a path is checked against a strict pattern first, and the resulting path
 is verified to stay under the data directory.
@@ -61,6 +62,10 @@ class DataPaths:
     def samplers(self) -> Path:
         return self.root / "samplers"
 
+    @property
+    def offload(self) -> Path:
+        return self.root / "offload"
+
     def checkpoint(self, run_id: str, kind: str, name: str) -> Path:
         if not RUN_ID_RE.match(run_id) or ".." in run_id:
             raise UserError(f"training run id {run_id!r} is not valid")
@@ -73,5 +78,5 @@ class DataPaths:
         return path
 
     def ensure(self) -> None:
-        for d in (self.root, self.models, self.checkpoints, self.samplers):
+        for d in (self.root, self.models, self.checkpoints, self.samplers, self.offload):
             d.mkdir(parents=True, exist_ok=True)

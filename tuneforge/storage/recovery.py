@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 def recover(db: Database, paths: DataPaths) -> dict[str, int]:
     report = {"partial_removed": 0, "unrecorded_added": 0, "missing_dropped": 0}
+    # training models offloaded by the previous process are gone with it
+    for stale in paths.offload.glob("*") if paths.offload.exists() else []:
+        stale.unlink()
     for root in (paths.checkpoints, paths.samplers):
         if not root.exists():
             continue

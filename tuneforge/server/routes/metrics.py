@@ -1,0 +1,82 @@
+"""`/metrics`: the server's load in Prometheus text format.
+
+Aggregate numbers only (no key, run or sampler names), so it is served without an API key, for
+scrapers. Counters are totals since start; rates are the scraper's job.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+
+from tuneforge.scheduler.stats import BATCH_SIZE_BUCKETS
+from tuneforge.server.deps import State
+
+router = APIRouter()
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+class _Text:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_: str,
+               samples: list[tuple[dict[str, str], float]] | float) -> None:
+        self.lines += [f"# HELP tuneforge_{name} {help_}", f"# TYPE tuneforge_{name} {kind}"]
+        if not isinstance(samples, list):
+            samples = [({}, samples)]
+        for labels, value in samples:
+            inner = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+            self.lines.append(f"tuneforge_{name}{{{inner}}} {value}" if inner
+                              else f"tuneforge_{name} {value}")
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(state: State) -> str:
+    out, stats, engine = _Text(), state.scheduler.stats, state.engine
+    out.metric("queue_depth", "gauge", "Requests waiting, per base-model queue.",
+               [({"queue": lane or "(control)"}, n) for lane, n in
+                state.scheduler.depths().items()])
+    out.metric("pending_futures", "gauge", "Submitted requests without a result yet.",
+               state.futures.pending_count())
+    out.metric("training_passes_total", "counter", "Shared forward/backward passes run.",
+               stats.passes)
+    out.metric("trained_tokens_total", "counter", "Tokens through forward/backward passes.",
+               stats.trained_tokens)
+    out.metric("training_seconds_total", "counter", "Time spent in forward/backward passes.",
+               round(stats.training_seconds, 6))
+    out.lines += ["# HELP tuneforge_batch_requests Requests served per shared pass.",
+                  "# TYPE tuneforge_batch_requests histogram"]
+    for bound in BATCH_SIZE_BUCKETS:
+        out.lines.append(f'tuneforge_batch_requests_bucket{{le="{bound}"}} '
+                         f"{stats.batch_size_counts[bound]}")
+    out.lines += [f'tuneforge_batch_requests_bucket{{le="+Inf"}} {stats.passes}',
+                  f"tuneforge_batch_requests_sum {stats.batch_size_sum}",
+                  f"tuneforge_batch_requests_count {stats.passes}"]
+    out.metric("sample_requests_total", "counter", "Sampling requests admitted.",
+               stats.sample_requests)
+    out.metric("sampled_tokens_total", "counter", "Tokens generated.", stats.sampled_tokens)
+    out.metric("decode_steps_total", "counter", "Decoding steps run.", stats.decode_steps)
+    out.metric("decode_rows", "gauge", "Samples being decoded now, per base model.",
+               [({"base_model": name}, dec.rows) for name, dec in list(engine.decoders.items())])
+    out.metric("training_models", "gauge", "Training models, by where they are.",
+               [({"where": where}, n) for where, n in engine.residency_counts().items()])
+    out.metric("samplers_resident", "gauge", "Sampler weights in memory.", len(engine.samplers))
+    out.metric("adapter_memory_bytes", "gauge", "Memory held by resident adapters.",
+               engine.budget.used)
+    out.metric("adapter_memory_limit_bytes", "gauge", "Adapter memory budget.",
+               engine.budget.limit)
+    out.metric("base_model_bytes", "gauge", "Parameter memory of each loaded base model.",
+               [({"base_model": name}, size) for name, size in state.registry.sizes().items()])
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out.metric("process_max_resident_bytes", "gauge", "Peak resident memory of the server.", rss)
+    if torch.cuda.is_available():
+        out.metric("cuda_memory_allocated_bytes", "gauge", "CUDA memory allocated by torch.",
+                   torch.cuda.memory_allocated())
+    return "\n".join(out.lines) + "\n"
