@@ -21,11 +21,12 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, data_dir: Path, models_dir: Path, env: dict[str, str] | None = None,
-                 preload: tuple[str, ...] = ("tuneforge/tiny-qwen3",)) -> None:
+                 preload: tuple[str, ...] = ("tuneforge/tiny-qwen3",), threads: int = 1) -> None:
         self.data_dir = data_dir
         self.models_dir = models_dir
         self.extra_env = env or {}
         self.preload = preload
+        self.threads = threads
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log_path = data_dir / "server.log"
@@ -40,11 +41,11 @@ class ServerProcess:
 
     def start(self, timeout: float = 300.0) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", **self.extra_env}
         cmd = [sys.executable, "-m", "tuneforge", "serve", "--port", str(self.port),
                "--data-dir", str(self.data_dir), "--models-dir", str(self.models_dir),
-               "--threads", "1", "--log-level", "warning"]
+               "--threads", str(self.threads), "--log-level", "warning"]
         for name in self.preload:
             cmd += ["--preload", name]
         log = open(self.log_path, "ab")

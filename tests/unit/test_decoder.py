@@ -84,3 +84,26 @@ def test_capacity_and_rows_leave_as_they_finish(registry):
     assert [h for h, _ in finished] == ["long"]
     assert all(len(s.tokens) == 6 for s in finished[0][1].sequences)
     assert dec.cache is None and dec.rows == 0
+
+
+def test_equal_sized_requests_take_the_stacked_path_and_still_match(registry):
+    base = registry.get(MODEL)
+    # None (base model), rank 2, rank 16, frozen as samplers hold them: padded to one stack
+    ads = [a.snapshot() if a is not None else None for a in adapters(base)]
+    reqs = [SampleRequest(prompt=[10 + i, 20, 30 + i], num_samples=2,
+                          params=SamplingParams(max_tokens=8, temperature=0.0,
+                                                stop_token_ids=frozenset()))
+            for i in range(3)]
+    alone = [decoder.sample_alone(base, ads[i], r) for i, r in enumerate(reqs)]
+    dec = decoder.Decoder(base)
+    for i, r in enumerate(reqs):
+        dec.admit(i, ads[i], r)
+    results = {}
+    while dec.pending:
+        results.update(dec.step())
+    q_proj = base.model.get_submodule(base.targets["attn"][0])
+    assert q_proj._stacked is not None  # the batched-matmul path ran
+    for i, want in enumerate(alone):
+        assert [s.tokens for s in results[i].sequences] == [s.tokens for s in want.sequences]
+        for g, w in zip(results[i].sequences, want.sequences, strict=True):
+            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-4)

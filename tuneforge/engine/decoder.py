@@ -120,30 +120,47 @@ class Decoder:
         """Pick one token for every row, advance the rows that go on; return finished requests."""
         if not self.pending:
             return []
-        chosen_all, keep, row = [], [], 0
-        for p in self.pending:
-            n = len(p.live)
-            logits = self.next_logits[row:row + n]
-            chosen = self._choose(p, logits)
-            chosen_all.append(chosen)
-            for r, sample_index in enumerate(list(p.live)):
-                if self._record(p, sample_index, logits[r], int(chosen[r])):
-                    keep.append(row + r)
-                else:
-                    p.live.remove(sample_index)
-            p.steps += 1
-            if p.steps >= p.request.params.max_tokens and p.live:  # out of budget: stop rows
-                keep = [k for k in keep if not row <= k < row + n]
-                p.live = []
-            row += n
+        rows = self._row_starts()  # fixed before rows start leaving
+        scale = torch.tensor([p.request.params.temperature or 1.0 for p in self.pending
+                              for _ in p.live], device=self.next_logits.device)
+        logprobs = torch.log_softmax(self.next_logits / scale[:, None], dim=-1)
+        chosen = torch.cat([self._choose(p, self.next_logits[start:start + len(p.live)])
+                            for p, start in rows])
+        chosen_lp = logprobs.gather(-1, chosen[:, None])[:, 0].tolist()
+        tokens = chosen.tolist()
+        keep: list[int] = []
+        for p, start in rows:
+            k = p.request.topk_sample_logprobs
+            top = torch.topk(logprobs[start:start + len(p.live)], k) if k > 0 else None
+            still = []
+            for r, sample_index in enumerate(p.live):
+                seq = p.result.sequences[sample_index]
+                seq.tokens.append(tokens[start + r])
+                seq.logprobs.append(chosen_lp[start + r])
+                if top is not None:
+                    seq.topk_ids.append(top.indices[r].tolist())
+                    seq.topk_logprobs.append(top.values[r].tolist())
+                if p.stop(seq.tokens):
+                    seq.stop_reason = "stop"
+                elif p.steps + 1 < p.request.params.max_tokens:
+                    still.append(sample_index)
+                    keep.append(start + r)
+            p.live, p.steps = still, p.steps + 1
         finished = [(p.handle, p.result) for p in self.pending if not p.live]
         self.pending = [p for p in self.pending if p.live]
-        chosen = torch.cat(chosen_all)
         if not keep:
             self.cache = self.mask = self.next_pos = self.next_logits = None
             return finished
         self._advance(chosen, keep)
         return finished
+
+    def _row_starts(self) -> list[tuple[_Pending, int]]:
+        """Each request with the batch row its rows start at."""
+        out, start = [], 0
+        for p in self.pending:
+            out.append((p, start))
+            start += len(p.live)
+        return out
 
     def _choose(self, p: _Pending, logits: torch.Tensor) -> torch.Tensor:
         params = p.request.params
@@ -152,23 +169,6 @@ class Decoder:
         probs = torch.softmax(filter_logits(logits, params), dim=-1)
         return torch.cat([torch.multinomial(probs[r], 1, generator=p.generators[s])
                           for r, s in enumerate(p.live)])
-
-    def _record(self, p: _Pending, sample_index: int, logits: torch.Tensor, token: int) -> bool:
-        """Append `token` to a row; False if the row stops here."""
-        params, k = p.request.params, p.request.topk_sample_logprobs
-        scale = params.temperature if params.temperature > 0 else 1.0
-        logprobs = torch.log_softmax(logits / scale, dim=-1)
-        seq = p.result.sequences[sample_index]
-        seq.tokens.append(token)
-        seq.logprobs.append(float(logprobs[token]))
-        if k > 0:
-            top = torch.topk(logprobs, k)
-            seq.topk_ids.append(top.indices.tolist())
-            seq.topk_logprobs.append(top.values.tolist())
-        if p.stop(seq.tokens):
-            seq.stop_reason = "stop"
-            return False
-        return True
 
     def _advance(self, chosen: torch.Tensor, keep: list[int]) -> None:
         if len(keep) < chosen.shape[0]:
@@ -187,8 +187,11 @@ class Decoder:
         for p in self.pending:
             segments.append(lora.Segment(p.adapter, start, start + len(p.live)))
             start += len(p.live)
+        # Without padding (a lone request, or rows of equal length) no mask is needed, and the
+        # model keeps its faster causal-attention path.
+        mask = None if bool(self.mask.all()) else self.mask.long()
         with lora.activate(self.base.router, segments), self._autocast():
-            out = self.base.model(input_ids=chosen[:, None], attention_mask=self.mask.long(),
+            out = self.base.model(input_ids=chosen[:, None], attention_mask=mask,
                                   position_ids=self.next_pos[:, None],
                                   past_key_values=self.cache, use_cache=True)
         self.next_pos = self.next_pos + 1

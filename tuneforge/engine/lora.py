@@ -117,6 +117,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.path = path
         self.router = router
+        self._stacked: tuple | None = None  # (key, adapters, A [S, r, in], sB [S, out, r])
 
     @property
     def weight(self) -> torch.Tensor:  # some HF code reads `.weight` of projections
@@ -133,13 +134,50 @@ class LoRALinear(nn.Module):
                 return y
             if seg.start == 0 and seg.stop == x.shape[0]:
                 return y + self._delta(x, seg.adapter)
-        parts: list[torch.Tensor] = []
-        for seg in segments:
-            rows = y[seg.start : seg.stop]
+        stacked = self._stack(segments)
+        if stacked is not None:  # all segments alike: two batched matmuls for all of them
+            a, b = stacked
+            xs = x.reshape(len(segments), -1, x.shape[-1]).to(a.dtype)
+            return y + torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)
+                                 ).reshape(y.shape).to(y.dtype)
+        # Segments tile the batch in order. One split and one concatenation: slicing the input
+        # and output per segment would make autograd build a full-size gradient per slice.
+        pieces = torch.split(x, [seg.stop - seg.start for seg in segments], dim=0)
+        deltas = []
+        for seg, piece in zip(segments, pieces, strict=True):
             if seg.adapter is not None and self.path in seg.adapter.A:
-                rows = rows + self._delta(x[seg.start : seg.stop], seg.adapter)
-            parts.append(rows)
-        return torch.cat(parts, dim=0)
+                deltas.append(self._delta(piece, seg.adapter))
+            else:
+                deltas.append(y.new_zeros(piece.shape[:-1] + y.shape[-1:]))
+        return y + torch.cat(deltas, dim=0)
+
+    def _stack(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Frozen adapters of equal-sized segments as padded stacks (the scaling folded into B),
+        kept while the same adapters decode together. None where that does not apply: training
+        (weights change every step) or segments of different sizes."""
+        sizes = {seg.stop - seg.start for seg in segments}
+        adapters = [seg.adapter if seg.adapter is not None and self.path in seg.adapter.A
+                    else None for seg in segments]
+        if len(sizes) != 1 or torch.is_grad_enabled() or any(
+                a is not None and a.A[self.path].requires_grad for a in adapters):
+            return None
+        key = tuple(id(a) for a in adapters)
+        if self._stacked is None or self._stacked[0] != key:
+            live = [a for a in adapters if a is not None]
+            if not live:
+                return None
+            rank = max(a.A[self.path].shape[0] for a in live)
+            ref = live[0].A[self.path]
+            stack_a = ref.new_zeros(len(adapters), rank, self.base.in_features)
+            stack_b = ref.new_zeros(len(adapters), self.base.out_features, rank)
+            for i, a in enumerate(adapters):
+                if a is not None:
+                    r = a.A[self.path].shape[0]
+                    stack_a[i, :r] = a.A[self.path]
+                    stack_b[i, :, :r] = a.B[self.path] * a.scaling
+            # holding the adapters keeps their ids from being reused by others
+            self._stacked = (key, adapters, stack_a, stack_b)
+        return self._stacked[2], self._stacked[3]
 
     def _delta(self, x: torch.Tensor, adapter: Adapter) -> torch.Tensor:
         a, b = adapter.A[self.path], adapter.B[self.path]

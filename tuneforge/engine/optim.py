@@ -47,15 +47,14 @@ class AdamW:
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
     def step(self, hp: AdamParams) -> dict[str, float]:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.params]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g.float()) for g in grads])))
+        grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
         if not math.isfinite(grad_norm):
             self.zero_grad()
             raise UserError(
@@ -76,7 +75,7 @@ class AdamW:
         the moments and step count carry over, cast to the new tensors' device."""
         state = self.optimizer.state_dict()
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
         self.optimizer.load_state_dict(state)
 
     def zero_grad(self) -> None:

@@ -40,6 +40,7 @@ from tuneforge.scheduler.stats import Stats
 logger = logging.getLogger(__name__)
 
 _DEDUPE_HISTORY = 4096
+_CREDIT = 3
 
 
 @dataclass
@@ -68,10 +69,16 @@ class _Sequencer:
 
 class Scheduler:
     def __init__(self, futures: FutureStore, engine, batch_tokens: int = 16384,
-                 on_thread_start: Callable[[], None] | None = None) -> None:
+                 batch_wait: float = 0.06, on_thread_start: Callable[[], None] | None = None
+                 ) -> None:
         self.futures = futures
         self.engine = engine
         self.batch_tokens = batch_tokens
+        self.batch_wait = batch_wait
+        self._recent: dict[str, dict[str, float]] = {}  # lane -> model -> last forward time
+        self._held: dict[str, float] = {}  # request id -> when it first waited for batch mates
+        self._credit: dict[str, int] = {}  # lane -> how many more fruitless waits it allows
+        self._credit_skips: dict[str, int] = {}
         self.stats = Stats()
         self._lanes: dict[str, deque[tuple[Future, Work]]] = {}
         self._samples: deque[tuple[Future, Work]] = deque()
@@ -148,6 +155,8 @@ class Scheduler:
             while len(seqr.seen) > _DEDUPE_HISTORY:
                 seqr.seen.popitem(last=False)
             seqr.waiting[seq_id] = (fut, work)
+            if work.fb is not None:
+                self._recent.setdefault(work.lane, {})[model_id] = time.monotonic()
             while seqr.next_seq in seqr.waiting:
                 ready_fut, ready_work = seqr.waiting.pop(seqr.next_seq)
                 self._lanes.setdefault(ready_work.lane, deque()).append((ready_fut, ready_work))
@@ -180,10 +189,69 @@ class Scheduler:
         if not lanes:
             return []
         self._round += 1
-        queue = self._lanes[lanes[self._round % len(lanes)]]
+        lane = lanes[self._round % len(lanes)]
+        queue = self._lanes[lane]
         head = queue.popleft()
         if head[1].fb is None:
             return [head]
+        unit = self._gather(queue, head)
+        peers = self._active_peers(lane, head[1].model_id)
+        first_seen = self._held.setdefault(head[0].request_id, time.monotonic())
+        waited = False
+        while len(unit) <= len(peers) and self._credit.get(lane, _CREDIT) > 0:
+            # Other models of this base model were training a moment ago: their next requests
+            # are probably on their way, and one shared pass serves them all far cheaper. Run
+            # other queued work meanwhile (a peer's optimizer step, which its next forward
+            # waits behind), or wait a little; never longer than `batch_wait` in all.
+            left = first_seen + self.batch_wait - time.monotonic()
+            if left <= 0:
+                break
+            queue.extendleft(reversed(unit))
+            other = self._first_runnable(queue, exclude=head[1].model_id)
+            if other is not None:
+                queue.remove(other)
+                return [other]
+            queue.popleft()  # the head again
+            waited = True
+            self._cond.wait(left)
+            unit = self._gather(queue, head)
+        self._held.pop(head[0].request_id, None)
+        self._settle_credit(lane, waited, gained=len(unit) > 1)
+        return unit
+
+    def _settle_credit(self, lane: str, waited: bool, gained: bool) -> None:
+        """Keep waiting for batch mates only while waiting pays: tenants that take turns rather
+        than train at once would only be delayed by it. After fruitless waits the lane stops
+        waiting, and tries again now and then."""
+        credit = self._credit.get(lane, _CREDIT)
+        if waited:
+            credit = min(credit + 1, _CREDIT) if gained else credit - 1
+        elif credit <= 0:
+            self._credit_skips[lane] = self._credit_skips.get(lane, 0) + 1
+            if self._credit_skips[lane] % 16 == 0:
+                credit = 1  # probe whether tenants train at once again
+        self._credit[lane] = credit
+
+    @staticmethod
+    def _first_runnable(queue: deque, exclude: str | None) -> tuple[Future, Work] | None:
+        """The oldest non-forward request of another model that nothing of its model precedes."""
+        seen: set[str | None] = {exclude}
+        for item in queue:
+            model = item[1].model_id
+            if item[1].fb is None and model not in seen:
+                return item
+            seen.add(model)
+        return None
+
+    def _active_peers(self, lane: str, model_id: str) -> set[str]:
+        now, recent = time.monotonic(), self._recent.get(lane, {})
+        for m in [m for m, t in recent.items() if now - t > 2.0]:
+            del recent[m]
+        return set(recent) - {model_id}
+
+    def _gather(self, queue: deque, head: tuple[Future, Work]) -> list[tuple[Future, Work]]:
+        """`head` and the oldest forward/forward_backward of each other model whose turn it is,
+        within the token budget (taken out of `queue`)."""
         unit, cost, taken, blocked, skipped = [head], head[1].cost, {head[1].model_id}, set(), []
         while queue:
             fut, work = queue.popleft()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -21,11 +22,12 @@ from tuneforge.scheduler.queue import Scheduler, Work
 from tuneforge.settings import Settings
 from tuneforge.storage import recovery
 from tuneforge.storage.datadir import DataDir
-from tuneforge.storage.db import CheckpointRow, SamplerRow, SessionRow, TrainingRunRow
+from tuneforge.storage.db import CheckpointRow, SamplerRow, SessionRow, TrainingRunRow, utcnow
 
 logger = logging.getLogger(__name__)
 
 _DEDUPE_LIMIT = 65536
+ACTIVITY_WRITE_SECONDS = 10.0
 
 
 class ServerState:
@@ -46,12 +48,14 @@ class ServerState:
         self.futures = FutureStore(ttl_seconds=settings.result_ttl_seconds)
         self.scheduler = Scheduler(self.futures, self.engine,
                                    batch_tokens=settings.batch_tokens,
+                                   batch_wait=settings.batch_wait_ms / 1000,
                                    on_thread_start=self._pin_threads)
         self.model_owners: dict[str, str] = {}
         self.model_lanes: dict[str, str] = {}  # model id -> its base model (its queue)
         # idempotency for requests that are not ordered by seq_id: key -> future
         self._dedupe: OrderedDict[tuple, Future] = OrderedDict()
         self._dedupe_lock = threading.Lock()
+        self._last_noted: dict[str, float] = {}
 
     def _pin_threads(self) -> None:
         if self.settings.num_threads:
@@ -102,6 +106,18 @@ class ServerState:
             return {}
 
         self.scheduler.submit(self.futures.create("ReleaseSession", owner), Work(run=job))
+
+    def note_activity(self, model_id: str) -> None:
+        """Record a run's last request time, at most every few seconds (one DB write per
+        optimizer step would be a noticeable part of a small step)."""
+        now = time.monotonic()
+        if now - self._last_noted.get(model_id, 0.0) < ACTIVITY_WRITE_SECONDS:
+            return
+        self._last_noted[model_id] = now
+        with self.db.session() as s:
+            row = s.get(TrainingRunRow, model_id)
+            if row is not None:
+                row.last_request_time = utcnow()
 
     # ---- owner-scoped lookups -----------------------------------------------------------------
     # Each raises NotFound both for what does not exist and for what another key owns.

@@ -19,7 +19,7 @@ from tuneforge.scheduler.queue import Work
 from tuneforge.server import wire
 from tuneforge.server.deps import JsonBody, Owner, State, future_answer
 from tuneforge.server.state import ServerState
-from tuneforge.storage.db import TrainingRunRow, utcnow
+from tuneforge.storage.db import TrainingRunRow
 
 router = APIRouter(prefix="/api/v1")
 
@@ -132,10 +132,7 @@ def optim_step(state: State, owner: Owner, body: JsonBody) -> dict:
             eps=params.eps, weight_decay=params.weight_decay,
             grad_clip_norm=params.grad_clip_norm)
         metrics = state.engine.optim_step(model_id, hp)
-        with state.db.session() as s:
-            row = s.get(TrainingRunRow, model_id)
-            if row is not None:
-                row.last_request_time = utcnow()
+        state.note_activity(model_id)
         return {"metrics": metrics, "type": "optim_step"}
 
     fut = state.submit_for_model(owner, model_id, seq_id, "OptimStep", job)

@@ -1,0 +1,46 @@
+"""Shared pieces of the benchmarks: a server subprocess, results rows, timing helpers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.integration.server import ServerProcess  # noqa: E402
+
+MODELS_DIR = REPO / ".cache" / "bench-models"
+RESULTS = REPO / "bench" / "RESULTS.md"
+
+
+def start_server(tmp: Path, model: str, threads: int, **env: str) -> ServerProcess:
+    MODELS_DIR.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess(tmp, MODELS_DIR, preload=(model,), threads=threads,
+                           env={"TUNEFORGE_MAX_MODELS_PER_KEY": "1000", **env})
+    return server.start()
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def record(section: str, row: str) -> None:
+    """Append a dated row under `section` of RESULTS.md (the section must exist)."""
+    text = RESULTS.read_text()
+    marker = f"<!-- {section} rows -->"
+    if marker not in text:
+        raise SystemExit(f"RESULTS.md has no {marker}")
+    RESULTS.write_text(text.replace(marker, f"| {dt.date.today().isoformat()} | {row} |\n{marker}"))
