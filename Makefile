@@ -26,7 +26,8 @@ test: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
 
 bench: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/step_overhead.py $(ARGS)
+	for b in step_overhead multi_tenant sampling memory; do \
+		HF_HUB_OFFLINE=1 $(BIN)/python bench/$$b.py $(ARGS) || exit 1; done
 
 lint: setup
 	$(BIN)/pip install --quiet ruff && $(BIN)/ruff check tuneforge tests bench

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     batch_tokens: int = Field(16384, ge=1)
     """Tokens of forward/forward_backward requests (of different models) one shared pass may
     gather; a request bigger than this runs alone."""
+    batch_requests: int = Field(32, ge=1)
+    """Requests (of as many models) one shared pass may gather."""
     batch_wait_ms: float = Field(60.0, ge=0)
     """How long a forward/forward_backward may wait for the requests of other models that were
     training a moment ago, to share one pass with them (never when one model trains alone, and

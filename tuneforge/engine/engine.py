@@ -46,6 +46,7 @@ class TrainingModel:
     config: lora.LoRAConfig
     steps: int = 0
     where: str = "device"  # "device" | "cpu" | "disk"
+    nbytes: int = 0  # in memory, last measured (weights, gradients, optimizer state)
 
 
 @dataclass
@@ -102,8 +103,9 @@ class Engine:
         if model_id in self.models:
             raise UserError(f"model_id {model_id} already exists")
         tm = TrainingModel(model_id, base, adapter, AdamW(adapter.parameters()), adapter.config)
+        tm.nbytes = residency.training_bytes(adapter, tm.optimizer)
         self.models[model_id] = tm
-        self.budget.add(("model", model_id), residency.training_bytes(adapter, tm.optimizer))
+        self.budget.add(("model", model_id), tm.nbytes)
         self._make_room({("model", model_id)})
         logger.info("created %s on %s: rank %d, groups %s, %d LoRA parameters", model_id,
                     base.name, adapter.config.rank, adapter.config.groups, adapter.num_parameters())
@@ -142,8 +144,8 @@ class Engine:
             self.cpu_budget.discard(("model", tm.model_id))
             residency.move(tm.adapter, tm.optimizer, device)
         tm.where = "device"
-        self.budget.add(("model", tm.model_id),
-                        residency.training_bytes(tm.adapter, tm.optimizer))
+        tm.nbytes = residency.training_bytes(tm.adapter, tm.optimizer)
+        self.budget.add(("model", tm.model_id), tm.nbytes)
 
     def _make_room(self, pinned: set) -> None:
         """Release least recently used adapters until the budget holds (never `pinned` ones)."""
@@ -197,14 +199,33 @@ class Engine:
     ) -> list[ForwardBackwardResult | Exception]:
         """Serve requests of distinct models together, one outcome per request, in order.
 
-        Each request is validated on its own; the valid ones share passes per base model. If a
-        shared pass fails for a reason no single request explains, each request is retried
-        alone, so one request can only fail itself.
+        Each request is validated on its own; the valid ones share passes per base model, in
+        groups whose adapters fit the memory budget together. If a shared pass fails for a
+        reason no single request explains, each request is retried alone, so one request can
+        only fail itself.
         """
         outcomes: list[ForwardBackwardResult | Exception | None] = [None] * len(requests)
+        for group in self._fitting_groups(list(enumerate(requests))):
+            self._run_group(group, outcomes)
+        return outcomes
+
+    def _fitting_groups(self, items: list) -> list[list]:
+        """Consecutive groups of requests whose adapters can be in memory at the same time."""
+        groups, current, size = [], [], 0
+        for item in items:
+            tm = self.models.get(item[1][0])
+            need = tm.nbytes if tm is not None else 0
+            if current and size + need > self.budget.limit:
+                groups.append(current)
+                current, size = [], 0
+            current.append(item)
+            size += need
+        return groups + [current] if current else groups
+
+    def _run_group(self, group: list, outcomes: list) -> None:
         by_base: dict[str, list[tuple[int, passes.Job]]] = {}
-        pinned = frozenset(("model", model_id) for model_id, _ in requests)
-        for i, (model_id, inp) in enumerate(requests):
+        pinned = frozenset(("model", model_id) for _, (model_id, _) in group)
+        for i, (model_id, inp) in group:
             try:
                 base, job = self._prepare(model_id, inp, pinned)
             except TuneforgeError as e:
@@ -229,9 +250,8 @@ class Engine:
                         results.append(e)
             for (i, _), result in zip(items, results, strict=True):
                 outcomes[i] = result
-        self._account([self.models[model_id] for model_id, _ in requests
+        self._account([self.models[model_id] for _, (model_id, _) in group
                        if model_id in self.models and self.models[model_id].where == "device"])
-        return outcomes
 
     def _prepare(self, model_id: str, inp: ForwardBackwardInput,
                  pinned: frozenset) -> tuple[BaseModel, passes.Job]:
@@ -253,8 +273,8 @@ class Engine:
         keys = set()
         for tm in models:
             keys.add(("model", tm.model_id))
-            self.budget.add(("model", tm.model_id),
-                            residency.training_bytes(tm.adapter, tm.optimizer))
+            tm.nbytes = residency.training_bytes(tm.adapter, tm.optimizer)
+            self.budget.add(("model", tm.model_id), tm.nbytes)
         self._make_room(keys)
 
     # ---- checkpoints ------------------------------------------------------------------------

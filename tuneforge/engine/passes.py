@@ -138,15 +138,26 @@ def _losses(base: BaseModel, rows: list[Row], segments: list[lora.Segment],
                               enabled=precision == "bf16")
     with lora.activate(base.router, segments), autocast:
         logits = base.model(input_ids=tokens, use_cache=False).logits
-    # Gather every row's targets from the padded batch in one op: slicing the [B, T, V] logits
-    # per row would make autograd materialise a full-size zero gradient per slice.
-    widths = [1 if inputs["target_tokens"].ndim == 1 else inputs["target_tokens"].shape[1]
-              for _, inputs in rows]
-    index = torch.zeros(*tokens.shape, max(widths), dtype=torch.long, device=tokens.device)
-    for r, (t, inputs) in enumerate(rows):
-        index[r, : len(t), : widths[r]] = inputs["target_tokens"].view(len(t), -1)
     logits = logits.float()
-    picked = logits.gather(-1, index) - torch.logsumexp(logits, -1, keepdim=True)
+    if all(inputs["target_tokens"].ndim == 1 for _, inputs in rows):
+        # One target per position: the fused cross-entropy kernel gives -logprob and, in the
+        # backward, softmax minus one-hot in a single sweep over the vocabulary.
+        targets = torch.full(tokens.shape, -100, dtype=torch.long, device=tokens.device)
+        for r, (t, inputs) in enumerate(rows):
+            targets[r, : len(t)] = inputs["target_tokens"]
+        picked = -torch.nn.functional.cross_entropy(
+            logits.view(-1, logits.shape[-1]), targets.view(-1), reduction="none",
+            ignore_index=-100).view(*tokens.shape, 1)
+        widths = [1] * len(rows)
+    else:
+        # K targets per position: gather them from the padded batch in one op (slicing the
+        # [B, T, V] logits per row would make autograd build a full-size zero gradient per slice)
+        widths = [1 if inputs["target_tokens"].ndim == 1 else inputs["target_tokens"].shape[1]
+                  for _, inputs in rows]
+        index = torch.zeros(*tokens.shape, max(widths), dtype=torch.long, device=tokens.device)
+        for r, (t, inputs) in enumerate(rows):
+            index[r, : len(t), : widths[r]] = inputs["target_tokens"].view(len(t), -1)
+        picked = logits.gather(-1, index) - torch.logsumexp(logits, -1, keepdim=True)
     lps, elementwise, r = [], [], 0
     for job, piece in pieces:
         for t, inputs in piece:

@@ -69,12 +69,13 @@ class _Sequencer:
 
 class Scheduler:
     def __init__(self, futures: FutureStore, engine, batch_tokens: int = 16384,
-                 batch_wait: float = 0.06, on_thread_start: Callable[[], None] | None = None
-                 ) -> None:
+                 batch_wait: float = 0.06, batch_requests: int = 32,
+                 on_thread_start: Callable[[], None] | None = None) -> None:
         self.futures = futures
         self.engine = engine
         self.batch_tokens = batch_tokens
         self.batch_wait = batch_wait
+        self.batch_requests = batch_requests
         self._recent: dict[str, dict[str, float]] = {}  # lane -> model -> last forward time
         self._held: dict[str, float] = {}  # request id -> when it first waited for batch mates
         self._credit: dict[str, int] = {}  # lane -> how many more fruitless waits it allows
@@ -255,7 +256,7 @@ class Scheduler:
         unit, cost, taken, blocked, skipped = [head], head[1].cost, {head[1].model_id}, set(), []
         while queue:
             fut, work = queue.popleft()
-            fits = cost + work.cost <= self.batch_tokens
+            fits = cost + work.cost <= self.batch_tokens and len(unit) < self.batch_requests
             if work.fb is not None and fits and work.model_id not in taken | blocked:
                 unit.append((fut, work))
                 taken.add(work.model_id)
@@ -288,6 +289,12 @@ class Scheduler:
 
     def _run_unit(self, unit: list[tuple[Future, Work]]) -> None:
         started = time.monotonic()
+        try:
+            self._run_unit_inner(unit, started)
+        finally:
+            self.stats.busy_seconds += time.monotonic() - started
+
+    def _run_unit_inner(self, unit: list[tuple[Future, Work]], started: float) -> None:
         if unit[0][1].fb is None:
             fut, work = unit[0]
             try:
@@ -311,6 +318,7 @@ class Scheduler:
                                time.monotonic() - started)
 
     def _decode_step(self) -> None:
+        started = time.monotonic()
         try:
             finished = self.engine.decode_step()
         except Exception as e:  # every request in the batch shares the failed step
@@ -321,6 +329,7 @@ class Scheduler:
             self._decoding.clear()
             return
         self.stats.decode_steps += 1
+        self.stats.busy_seconds += time.monotonic() - started
         for handle, result in finished:
             fut, work = self._decoding.pop(handle)
             self.stats.sampled_tokens += sum(len(s.tokens) for s in result.sequences)

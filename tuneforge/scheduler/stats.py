@@ -9,6 +9,7 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 @dataclass
 class Stats:
+    busy_seconds: float = 0.0  # everything the engine thread ran
     passes: int = 0
     trained_tokens: int = 0
     training_seconds: float = 0.0

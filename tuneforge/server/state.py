@@ -49,6 +49,7 @@ class ServerState:
         self.scheduler = Scheduler(self.futures, self.engine,
                                    batch_tokens=settings.batch_tokens,
                                    batch_wait=settings.batch_wait_ms / 1000,
+                                   batch_requests=settings.batch_requests,
                                    on_thread_start=self._pin_threads)
         self.model_owners: dict[str, str] = {}
         self.model_lanes: dict[str, str] = {}  # model id -> its base model (its queue)

@@ -45,6 +45,8 @@ def metrics(state: State) -> str:
                 state.scheduler.depths().items()])
     out.metric("pending_futures", "gauge", "Submitted requests without a result yet.",
                state.futures.pending_count())
+    out.metric("engine_busy_seconds_total", "counter", "Time the engine thread spent working.",
+               round(stats.busy_seconds, 6))
     out.metric("training_passes_total", "counter", "Shared forward/backward passes run.",
                stats.passes)
     out.metric("trained_tokens_total", "counter", "Tokens through forward/backward passes.",
