@@ -7,7 +7,7 @@ Measured side by side in one run, medians over interleaved repeats after a warm-
   hf          `model.generate` of transformers in this process, same base model, same prompt
 All decode greedily a fixed number of new tokens (no stop), so every side generates the same
 amount. Prints tokens/s and the ratios concurrent/one-by-one (goal >= 3) and single/hf
-(goal >= 1.0).
+(goal >= 1.0), and how long new weights take to become sampleable against a training step.
 
     python bench/sampling.py [--model tuneforge/tiny-qwen3-l] [--clients 8] [--tokens 64]
                              [--prompt 32] [--repeats 3] [--threads 1] [--record]
@@ -82,6 +82,16 @@ def main() -> None:
                                       args.tokens, do_sample=False, pad_token_id=0)
                 assert out.shape[1] == args.prompt + args.tokens
 
+            # how soon new weights are sampleable, against one training step of the same client
+            tc = sc.create_lora_training_client(base_model=args.model, rank=8, seed=99).result()
+            train = [types.Datum(model_input=model_input,
+                                 loss_fn_inputs={"target_tokens": np.array(prompt[1:] + [0])})]
+            visible, stepped = [], []
+            for _ in range(5):
+                stepped.append(timed(lambda: (tc.forward_backward(train, "cross_entropy"),
+                                              tc.optim_step(types.AdamParams()).result())))
+                visible.append(timed(lambda: tc.save_weights_and_get_sampling_client().result()))
+
             sides = {"concurrent": concurrent, "one-by-one": one_by_one, "single": single,
                      "hf": hf_generate}
             times = {name: [] for name in sides}
@@ -99,6 +109,9 @@ def main() -> None:
     for name in sides:
         print(f"  {name:10s} {median(times[name]):7.2f} s   {tps[name]:8.0f} tokens/s")
     batching, vs_hf = tps["concurrent"] / tps["one-by-one"], tps["single"] / tps["hf"]
+    print(f"new weights sampleable after {median(visible) * 1000:.0f} ms "
+          f"(save_weights_and_get_sampling_client) vs {median(stepped) * 1000:.0f} ms for one "
+          f"training step of 1x{args.prompt} tokens")
     print(f"concurrent / one-by-one = {batching:.2f}   (goal >= 3)")
     print(f"single / hf generate    = {vs_hf:.2f}   (goal >= 1.0)")
     if args.record:

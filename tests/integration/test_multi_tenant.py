@@ -94,3 +94,34 @@ def test_metrics_endpoint_reports_the_load(busy_server):
     values = {line.split()[0]: line.split()[1] for line in text.splitlines()
               if line and not line.startswith("#")}
     assert values['tuneforge_base_model_bytes{base_model="tuneforge/tiny-qwen3"}'] != "0"
+
+
+def test_two_base_models_serve_at_once(busy_server):
+    """Each base model has its own queue; both train and sample side by side."""
+    sc = tinker.ServiceClient(base_url=busy_server.base_url, api_key=busy_server.api_key)
+    results: dict[str, list[float]] = {}
+
+    def run(base: str) -> None:
+        tc = sc.create_lora_training_client(base_model=base, rank=4, seed=0).result()
+        data = client_data(3)
+        losses = []
+        for _ in range(4):
+            fb = tc.forward_backward(data, "cross_entropy")
+            tc.optim_step(types.AdamParams(learning_rate=3e-3)).result()
+            losses.append(fb.result().metrics["loss:sum"])
+        sampler = tc.save_weights_and_get_sampling_client().result()
+        out = sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 2,
+                             types.SamplingParams(max_tokens=4, stop=[])).result()
+        assert all(len(s.tokens) == 4 for s in out.sequences)
+        results[base] = losses
+
+    bases = (MODEL, "tuneforge/tiny-qwen3-l")
+    threads = [threading.Thread(target=run, args=(b,)) for b in bases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert set(results) == set(bases)
+    assert all(r[-1] < r[0] for r in results.values()), results
+    text = httpx.get(f"{busy_server.base_url}/metrics").text
+    assert 'base_model="tuneforge/tiny-qwen3-l"' in text
