@@ -5,6 +5,8 @@
     tuneforge export CHECKPOINT --to DIR [--merged]
     tuneforge import ADAPTER_DIR --base-model NAME --name NAME
     tuneforge cache-tokenizer NAME       put a served model's tokenizer in the local HF cache
+    tuneforge train CONFIG.yaml          run a training job (SFT, DPO, RL, distill, atomic)
+    tuneforge jobs submit|list|status|logs|metrics|cancel|evaluate   the REST job API
 """
 
 from __future__ import annotations
@@ -97,9 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _admin_parsers(sub)
+    from tuneforge.jobs import cli as jobs_cli
+
+    jobs_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command in ("train", "jobs"):
+        return jobs_cli.main(args)
     try:
         return _admin(args)
     except TuneforgeError as e:

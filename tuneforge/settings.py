@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(128, ge=1)
     max_models_per_key: int = Field(64, ge=1)
     """Training models one API key may have loaded at once."""
+    max_running_jobs: int = Field(4, ge=1)
+    """Declarative jobs (POST /api/jobs) running at once; later ones wait in order."""
     batch_tokens: int = Field(16384, ge=1)
     """Tokens of forward/forward_backward requests (of different models) one shared pass may
     gather; a request bigger than this runs alone."""

@@ -17,6 +17,7 @@ from tuneforge.server.routes import (
     client,
     files,
     futures,
+    jobs,
     metrics,
     runs,
     sampling,
@@ -49,7 +50,8 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
 
     app = FastAPI(title="tuneforge", version="0.1.0", lifespan=lifespan)
     app.state.tf = state
-    for module in (client, sessions, training, weights, sampling, futures, runs, files, metrics):
+    for module in (client, sessions, training, weights, sampling, futures, runs, files, metrics,
+                   jobs):
         app.include_router(module.router)
     _install_error_handlers(app)
     return app

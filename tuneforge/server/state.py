@@ -57,6 +57,9 @@ class ServerState:
         self._dedupe: OrderedDict[tuple, Future] = OrderedDict()
         self._dedupe_lock = threading.Lock()
         self._last_noted: dict[str, float] = {}
+        from tuneforge.server.jobs import JobManager
+
+        self.jobs = JobManager(self)
 
     def _pin_threads(self) -> None:
         if self.settings.num_threads:
@@ -70,8 +73,10 @@ class ServerState:
         self.scheduler.start()
         for name in self.settings.preload_models:
             self.registry.get(name)
+        self.jobs.start()
 
     def stop(self) -> None:
+        self.jobs.stop()
         self.scheduler.stop()
         self.db.close()
 

@@ -87,6 +87,38 @@ class CheckpointRow(Base):
     expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class JobRow(Base):
+    """A declarative training job (tuneforge.jobs): its spec, state and experiment folder."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    type: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    progress: Mapped[dict] = mapped_column(JSON, default=dict)
+    result: Mapped[dict | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(String(4096))
+    folder: Mapped[str] = mapped_column(String(1024))
+    # the job's own API key (acting for `owner`) while it may still run; see storage/keys.py
+    key: Mapped[str | None] = mapped_column(String(128))
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class JobKeyRow(Base):
+    """A key a running job uses to call the server for its owner (deleted when the job ends)."""
+
+    __tablename__ = "job_keys"
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Database:
     def __init__(self, url: str) -> None:
         is_sqlite = url.startswith("sqlite")

@@ -20,7 +20,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from tuneforge.errors import NotFound, UserError
-from tuneforge.storage.db import ApiKeyRow, Database, utcnow
+from tuneforge.storage.db import ApiKeyRow, Database, JobKeyRow, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +72,25 @@ class KeyStore:
         if not key:
             return None
         row = self.db.select(select(ApiKeyRow).where(ApiKeyRow.digest == digest(key)))
+        if not row:
+            # a job's key acts for the key that started the job, while that key is valid
+            job = self.db.get(JobKeyRow, digest(key))
+            if job is None:
+                return None
+            row = self.db.select(select(ApiKeyRow).where(ApiKeyRow.id == job.owner))
         if not row or row[0].revoked_at is not None:
             return None
         return Identity(owner=row[0].id, admin=row[0].admin)
+
+    def issue_job_key(self, job_id: str, owner: str) -> str:
+        key = new_key()
+        self.db.add(JobKeyRow(digest=digest(key), job_id=job_id, owner=owner))
+        return key
+
+    def drop_job_keys(self, job_id: str) -> None:
+        with self.db.session() as s:
+            for row in s.scalars(select(JobKeyRow).where(JobKeyRow.job_id == job_id)):
+                s.delete(row)
 
     def is_admin(self, owner: str) -> bool:
         row = self.db.get(ApiKeyRow, owner)

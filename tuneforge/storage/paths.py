@@ -66,6 +66,11 @@ class DataPaths:
     def offload(self) -> Path:
         return self.root / "offload"
 
+    @property
+    def experiments(self) -> Path:
+        """One folder per job (tuneforge.jobs)."""
+        return self.root / "experiments"
+
     def checkpoint(self, run_id: str, kind: str, name: str) -> Path:
         if not RUN_ID_RE.match(run_id) or ".." in run_id:
             raise UserError(f"training run id {run_id!r} is not valid")
@@ -78,5 +83,6 @@ class DataPaths:
         return path
 
     def ensure(self) -> None:
-        for d in (self.root, self.models, self.checkpoints, self.samplers, self.offload):
+        for d in (self.root, self.models, self.checkpoints, self.samplers, self.offload,
+                  self.experiments):
             d.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,269 @@
+"""The job layer end to end: the shipped example configs run through the REST job API on a real
+server (each job calls the server back through the `tinker` SDK) and must show learning; an
+atomic batch with a broken and a plateauing task; cancel, errors, isolation; a restart mid-job
+resumes from the last checkpoint; the `tuneforge train` / `tuneforge jobs` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.server import ServerProcess
+from tuneforge.jobs.spec import load_spec, spec_to_dict
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(scope="module")
+def jobs_server(tmp_path_factory, models_dir):
+    proc = ServerProcess(tmp_path_factory.mktemp("jobs"), models_dir).start()
+    yield proc
+    proc.stop()
+
+
+def api(server: ServerProcess, key: str | None = None) -> httpx.Client:
+    return httpx.Client(base_url=f"{server.base_url}/api/jobs",
+                        headers={"X-API-Key": key or server.api_key}, timeout=600)
+
+
+def example(name: str, **changes) -> dict:
+    return {**spec_to_dict(load_spec(EXAMPLES / name)), **changes}
+
+
+def submit(server: ServerProcess, spec: dict) -> str:
+    answer = api(server).post("", json=spec)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] in ("queued", "running")
+    return answer.json()["id"]
+
+
+def wait(server: ServerProcess, job_id: str, timeout: float = 600, until=None,
+         monotonic: bool = True) -> dict:
+    deadline = time.monotonic() + timeout
+    seen_progress = []
+    while time.monotonic() < deadline:
+        job = api(server).get(f"/{job_id}").json()
+        seen_progress.append(job["progress"])
+        if until is not None and until(job):
+            return job
+        if job["status"] not in ("queued", "running"):
+            assert job["status"] == "completed", (job["error"], server.log())
+            if monotonic:  # (after a restart it restarts from the checkpoint's step)
+                assert seen_progress == sorted(seen_progress)
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} did not finish: {job}")
+
+
+def folder(job: dict) -> Path:
+    return Path(job["folder"])
+
+
+def test_sft_example_learns_and_evaluates_against_the_base_model(jobs_server):
+    job_id = submit(jobs_server, example("sft.yaml"))
+    job = wait(jobs_server, job_id)
+    result = job["result"]
+    print(f"\nsft example: train loss {result['first_train_loss']:.3f} -> "
+          f"{result['last_train_loss']:.3f}, held-out {result['eval']['loss']:.3f}")
+    assert result["last_train_loss"] < 0.8 * result["first_train_loss"]
+    assert job["progress"] == 1.0 and job["step"] == job["total_steps"] == result["steps"]
+    # the experiment folder
+    out = folder(job)
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints.jsonl", "training_history.json",
+                 "eval_report.json", "log.txt", "result.json", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "adapter/adapter_config.json").read_text())["r"] == 16
+    history = json.loads((out / "training_history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["eval_loss"] < history[0]["eval_loss"]
+    report = json.loads((out / "eval_report.json").read_text())
+    assert {"loss", "perplexity", "exact_match", "bleu", "rouge1", "rougeL"} <= set(report)
+    assert report["samples"][0]["meta"]["topic_tags"] == ["geography", "capitals"]
+    # REST: logs, metrics, evaluate against the base model
+    logs = api(jobs_server).get(f"/{job_id}/logs").text
+    assert "sft job finished" in logs and "renderer qwen3_instruct" in logs
+    metrics = api(jobs_server).get(f"/{job_id}/metrics").json()
+    assert len([m for m in metrics["metrics"] if "loss" in m]) == result["steps"]
+    assert metrics["history"] == history and metrics["checkpoints"]
+    evaluated = api(jobs_server).post(f"/{job_id}/evaluate", json={"baseline": "base"}).json()
+    table = {row["metric"]: row for row in evaluated["comparison"]}
+    print(f"job vs base: loss {table['loss']['job']:.3f} vs "
+          f"{table['loss']['base (tuneforge/tiny-qwen3)']:.3f}")
+    assert table["loss"]["delta"] < -0.5
+    assert evaluated["report"]["loss"] == pytest.approx(report["loss"], rel=1e-4)
+
+
+def test_dpo_example_prefers_the_chosen_answers(jobs_server):
+    job = wait(jobs_server, submit(jobs_server, example("dpo.yaml")))
+    result = job["result"]
+    print(f"\ndpo example: loss {result['first_train_loss']:.3f} -> "
+          f"{result['last_train_loss']:.3f}, held-out accuracy {result['eval']['accuracy']}, "
+          f"margin {result['eval']['margin']:.3f}")
+    assert result["first_train_loss"] == pytest.approx(0.6931, abs=1e-3)  # starts at the reference
+    assert result["last_train_loss"] < 0.3
+    assert result["eval"]["accuracy"] == 1.0 and result["eval"]["margin"] > 0.5
+
+
+def test_distill_example_student_matches_the_teacher_without_the_skill(jobs_server):
+    job = wait(jobs_server, submit(jobs_server, example("distill.yaml")))
+    result, out = job["result"], folder(job)
+    teacher = [json.loads(x) for x in (out / "teacher_data.jsonl").read_text().splitlines()]
+    assert all(m["role"] != "system" for r in teacher for m in r["messages"])  # student: bare
+    print(f"\ndistill example: student loss on held-out teacher answers "
+          f"{result['eval']['loss']:.3f} (before training {result['eval']['base_model_loss']:.3f})")
+    assert result["eval"]["loss"] < 0.75 * result["eval"]["base_model_loss"]
+    assert "teacher tuneforge/tiny-qwen3 answered 12 prompts" in (out / "log.txt").read_text()
+
+
+def test_rl_example_raises_the_reward_after_a_warm_start(jobs_server):
+    warm = wait(jobs_server, submit(jobs_server, example("sft_boxed_warmup.yaml")))
+    state = warm["result"]["state_path"]
+    job = wait(jobs_server, submit(jobs_server,
+                                   example("rl_boxed.yaml", load_checkpoint_path=state)))
+    steps = [m for m in api(jobs_server).get(f"/{job['id']}/metrics").json()["metrics"]
+             if "reward" in m]
+    rewards = [s["reward"] for s in steps]
+    print(f"\nrl example: reward by step {[round(r, 3) for r in rewards]}")
+    assert len(steps) == 20
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.05
+    # sampler and trainer agree on the sampled tokens (on-policy)
+    assert max(abs(s["kl_sampler_trainer"]) for s in steps) < 1e-3
+    assert job["result"]["eval"]["samples"][0]["output"].startswith("\\boxed{")
+
+
+def test_atomic_batch_isolates_a_broken_task_and_stops_a_plateau(jobs_server, tmp_path):
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "response": "b"}\n'
+                                           '{"prompt": "no response here"}\n')
+    tasks = [{"name": p.stem, "data": str(p)} for p in sorted((EXAMPLES / "tasks").glob("*"))]
+    tasks += [{"name": "broken", "data": str(tmp_path / "broken.jsonl")},
+              {"name": "plateau", "data": str(EXAMPLES / "tasks" / "upper.jsonl"),
+               "learning_rate": 1e-9}]
+    spec = example("atomic.yaml", tasks=tasks, max_concurrent=7)
+    job = wait(jobs_server, submit(jobs_server, spec))
+    out = folder(job)
+    summary = json.loads((out / "summary.json").read_text())
+    by_name = {r["name"]: r for r in summary["results"]}
+    print(f"\natomic: {summary['completed']} completed, {summary['failed']} failed, "
+          f"{summary['early_stopped']} stopped early; epochs "
+          f"{ {n: r.get('epochs_trained') for n, r in by_name.items()} }")
+    assert summary["tasks"] == 7 and summary["completed"] == 6 and summary["failed"] == 1
+    broken = json.loads((out / "tasks/broken/metadata.json").read_text())
+    assert broken["status"] == "failed" and "Traceback" in broken["traceback"]
+    assert "broken.jsonl:2" in broken["error"] and "response" in broken["error"]
+    plateau = by_name["plateau"]
+    assert plateau["early_stopped"] and plateau["epochs_trained"] < 6
+    for name in ("upper", "reverse", "plural", "double", "greet"):
+        meta = by_name[name]
+        assert meta["status"] == "completed" and meta["examples"] == 8
+        assert {"epochs_trained", "wall_seconds", "early_stopped", "best_epoch"} <= set(meta)
+        history = json.loads((out / "tasks" / name / "training_history.json").read_text())
+        assert len(history) == meta["epochs_trained"]
+        assert all({"train_loss", "eval_loss"} <= set(h) for h in history)
+        assert meta["last_train_loss"] < meta["first_train_loss"]
+        assert (out / "tasks" / name / "adapter" / "adapter_model.safetensors").exists()
+    metrics = api(jobs_server).get(f"/{job['id']}/metrics").json()
+    assert set(metrics["tasks"]) == {"upper", "reverse", "plural", "double", "greet", "plateau"}
+    evaluated = api(jobs_server).post(f"/{job['id']}/evaluate",
+                                      json={"task": "double", "baseline": "base"}).json()
+    assert evaluated["report"]["examples"] == 2
+
+
+def test_bad_configs_cancel_and_isolation(jobs_server):
+    http = api(jobs_server)
+    bad = [({"type": "sft", "base_model": "tuneforge/tiny-qwen3", "data": [],
+             "learnin_rate": 1}, "learnin_rate: unknown option"),
+           ({**example("sft.yaml"), "lora_rank": 0}, "lora_rank"),
+           ({**example("sft.yaml"), "dpo_beta": 0.1}, "dpo_beta: unknown option"),
+           ({**example("sft.yaml"), "data": [{"prompt": "x"}]}, "data[0]"),
+           ({**example("rl_boxed.yaml"), "grader": "/nowhere/g.py:f"}, "grader: no such file"),
+           ({"base_model": "x"}, "type: required")]
+    for spec, message in bad:
+        answer = http.post("", json=spec)
+        assert answer.status_code == 400 and message in answer.json()["detail"], answer.text
+    assert http.get("/job-000000000000").status_code == 404
+    # a long job, cancelled while it runs
+    job_id = submit(jobs_server, example("sft.yaml", epochs=200, eval_split=0.0))
+    wait(jobs_server, job_id, until=lambda j: (j["step"] or 0) >= 2)
+    assert http.post(f"/{job_id}/cancel").json()["status"] in ("running", "cancelled")
+    deadline = time.monotonic() + 120
+    while http.get(f"/{job_id}").json()["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.3)
+    job = http.get(f"/{job_id}").json()
+    assert job["status"] == "cancelled" and job["step"] < 800
+    assert "cancelled" in http.get(f"/{job_id}/logs").text
+    # another key sees none of it
+    out = subprocess.run([sys.executable, "-m", "tuneforge", "keys", "create", "--data-dir",
+                          str(jobs_server.data_dir)], capture_output=True, text=True, check=True)
+    other = api(jobs_server, out.stdout.split()[1])
+    assert other.get("").json()["jobs"] == []
+    assert other.get(f"/{job_id}").status_code == 404
+    assert other.post(f"/{job_id}/cancel").status_code == 404
+
+
+def test_restart_mid_job_resumes_from_the_last_checkpoint(tmp_path, models_dir):
+    server = ServerProcess(tmp_path / "data", models_dir).start()
+    try:
+        spec = example("sft.yaml", epochs=12, save_every=3, eval_split=0.0)
+        job_id = submit(server, spec)
+        wait(server, job_id, until=lambda j: (j["step"] or 0) >= 8)
+        server.proc.kill()
+        server.proc.wait()
+        server.start()
+        job = wait(server, job_id, monotonic=False)
+        assert job["restarts"] == 1
+        out = folder(job)
+        log = (out / "log.txt").read_text()
+        assert "resumed from step" in log
+        resumed_at = int(log.split("resumed from step ")[1].split()[0])
+        assert resumed_at >= 6 and resumed_at % 3 == 0
+        steps = [m["step"] for m in json.loads("[" + ",".join(
+            (out / "metrics.jsonl").read_text().splitlines()) + "]") if "loss" in m]
+        # every step ran; the ones after the checkpoint possibly twice, none before it again
+        assert sorted(set(steps)) == list(range(1, job["result"]["steps"] + 1))
+        assert job["result"]["steps"] == 48  # 16 rows / batch 4 x 12 epochs
+        assert steps.count(1) == 1 and all(steps.count(s) == 1 for s in range(1, resumed_at + 1))
+        assert job["result"]["last_train_loss"] < 0.6 * job["result"]["first_train_loss"]
+    finally:
+        server.stop()
+
+
+def test_cli_train_and_jobs(jobs_server, tmp_path, models_dir):
+    env = {**os.environ, "TINKER_BASE_URL": jobs_server.base_url,
+           "TINKER_API_KEY": jobs_server.api_key, "TUNEFORGE_MODELS_DIR": str(models_dir)}
+    tf = [sys.executable, "-m", "tuneforge"]
+    done = subprocess.run([*tf, "train", str(EXAMPLES / "sft.yaml"), "--out",
+                           str(tmp_path / "exp"), "--data-dir", str(tmp_path / "data"),
+                           "--threads", "1"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sft job sft on tuneforge/tiny-qwen3" in done.stdout
+    assert "evaluation (held-out)" in done.stdout
+    assert (tmp_path / "exp" / "adapter" / "adapter_model.safetensors").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("type: sft\nbase_model: tuneforge/tiny-qwen3\ndata: nowhere.jsonl\n")
+    refused = subprocess.run([*tf, "train", str(bad), "--check"], capture_output=True,
+                             text=True, env=env)
+    assert refused.returncode == 1 and "data: no such file" in refused.stderr
+    submitted = subprocess.run([*tf, "jobs", "submit", str(EXAMPLES / "sft.yaml")],
+                               capture_output=True, text=True, env=env, check=True)
+    job_id = submitted.stdout.split()[0]
+    logs = subprocess.run([*tf, "jobs", "logs", job_id, "--follow"], capture_output=True,
+                          text=True, env=env, timeout=600, check=True)
+    assert "sft job finished" in logs.stdout
+    listed = subprocess.run([*tf, "jobs", "list"], capture_output=True, text=True, env=env,
+                            check=True)
+    assert job_id in listed.stdout and "completed" in listed.stdout
+    status = json.loads(subprocess.run([*tf, "jobs", "status", job_id], capture_output=True,
+                                       text=True, env=env, check=True).stdout)
+    assert status["status"] == "completed"
+    evaluated = subprocess.run([*tf, "jobs", "evaluate", job_id, "--baseline", "base"],
+                               capture_output=True, text=True, env=env, check=True)
+    assert "delta" in evaluated.stdout and "perplexity" in evaluated.stdout

@@ -1,0 +1,185 @@
+"""`tuneforge train` and `tuneforge jobs ...`: the command-line face of the job layer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import httpx
+
+from tuneforge.errors import UserError
+
+
+def add_parsers(sub) -> None:
+    train = sub.add_parser(
+        "train", help="run a job config (YAML) to the end, with a progress bar",
+        description="Validate and run a job config. Without --url an embedded server is started "
+        "in this process on the data directory; with --url the job runs here against that "
+        "server. Results go to the experiment folder (--out).")
+    train.add_argument("config", type=Path, help="the job's YAML (or JSON) file")
+    train.add_argument("--out", type=Path, help="experiment folder (default "
+                       "./experiments/NAME-TIMESTAMP)")
+    train.add_argument("--url", help="a running server (default: start one in this process) "
+                       "[TINKER_BASE_URL]")
+    train.add_argument("--api-key", help="its API key [TINKER_API_KEY]")
+    train.add_argument("--data-dir", help="data directory of the embedded server (default "
+                       "./data) [TUNEFORGE_DATA_DIR]")
+    train.add_argument("--threads", type=int, help="torch threads of the embedded server")
+    train.add_argument("--check", action="store_true", help="only validate the config")
+
+    jobs = sub.add_parser("jobs", help="start and watch jobs on a server (REST job API)")
+    jobs.add_argument("--url", help="the server [TINKER_BASE_URL, default "
+                      "http://127.0.0.1:8000]")
+    jobs.add_argument("--api-key", help="API key [TINKER_API_KEY]")
+    acts = jobs.add_subparsers(dest="action", required=True)
+    submit = acts.add_parser("submit", help="start a job from a config file")
+    submit.add_argument("config", type=Path)
+    acts.add_parser("list", help="your jobs")
+    for name, text in (("status", "a job's status"), ("cancel", "cancel a job"),
+                       ("metrics", "a job's metrics (JSON)")):
+        acts.add_parser(name, help=text).add_argument("job_id")
+    logs = acts.add_parser("logs", help="a job's log")
+    logs.add_argument("job_id")
+    logs.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+    ev = acts.add_parser("evaluate", help="evaluate a job's adapter")
+    ev.add_argument("job_id")
+    ev.add_argument("--baseline", help="'base' (the base model) or another job id")
+    ev.add_argument("--task", help="the task of an atomic job")
+    ev.add_argument("--data", help="a JSONL file on the server (default: the held-out split)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return train(args) if args.command == "train" else jobs(args)
+    except UserError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def train(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from tuneforge.jobs.runner import preflight
+    from tuneforge.jobs.spec import load_spec
+
+    spec = load_spec(args.config)
+    preflight(spec)
+    if args.check:
+        print(f"{args.config}: valid {spec.type} job")
+        return 0
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("experiments") / f"{spec.name}-{stamp}"
+    url = args.url
+    if url:
+        key = args.api_key or os.environ.get("TINKER_API_KEY")
+        return _train(spec, out, url, key)
+    from tuneforge.server.embedded import embedded_server
+    from tuneforge.settings import Settings
+
+    overrides = {"data_dir": args.data_dir, "num_threads": args.threads, "preload_models": []}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    with embedded_server(settings) as (base_url, key):
+        return _train(spec, out, base_url, key)
+
+
+def _train(spec, out: Path, url: str, key: str | None) -> int:
+    from tqdm import tqdm
+
+    from tuneforge.jobs.runner import JobContext, RunDir, run_job
+
+    bar = tqdm(total=1, unit="step", dynamic_ncols=True)
+
+    def progress(snap: dict) -> None:
+        if snap.get("total_steps"):
+            bar.total = snap["total_steps"]
+        bar.n = snap.get("step") or 0
+        if snap.get("loss") is not None:
+            bar.set_postfix(loss=f"{snap['loss']:.4f}", epoch=snap.get("epoch"))
+        bar.refresh()
+
+    ctx = JobContext.connect(spec, RunDir(out, echo=bar.write), url, key,
+                             on_progress=progress)
+    try:
+        result = run_job(ctx)
+    finally:
+        bar.close()
+    print(summary_text(result, out))
+    return 0
+
+
+def summary_text(result: dict, out: Path) -> str:
+    lines = [f"\n{result['type']} job {result.get('name')} on {result['base_model']}: "
+             f"{result.get('wall_seconds')} s", f"  {'folder':16s} {out}"]
+    for key in ("steps", "epochs_trained", "early_stopped", "best_epoch", "learning_rate",
+                "first_train_loss", "last_train_loss", "first_reward", "last_reward", "tasks",
+                "completed", "failed", "adapter", "sampler_path"):
+        if result.get(key) is not None:
+            value = result[key]
+            lines.append(f"  {key:16s} {value:.4g}" if isinstance(value, float)
+                         else f"  {key:16s} {value}")
+    report = result.get("eval") or {}
+    scores = {k: v for k, v in report.items() if isinstance(v, (int, float))}
+    if scores:
+        lines.append(f"  evaluation ({report.get('split', '')}): " + ", ".join(
+            f"{k} {v:.4g}" for k, v in scores.items()))
+    return "\n".join(lines)
+
+
+def jobs(args: argparse.Namespace) -> int:
+    url = (args.url or os.environ.get("TINKER_BASE_URL") or "http://127.0.0.1:8000").rstrip("/")
+    key = args.api_key or os.environ.get("TINKER_API_KEY")
+    if not key:
+        raise UserError("an API key is needed: --api-key or TINKER_API_KEY")
+    http = httpx.Client(base_url=f"{url}/api/jobs", headers={"X-API-Key": key}, timeout=600)
+
+    def call(method: str, path: str = "", **kw):
+        answer = http.request(method, path, **kw)
+        if answer.status_code >= 400:
+            try:
+                detail = answer.json().get("detail", answer.text)
+            except ValueError:
+                detail = answer.text
+            raise UserError(f"{answer.status_code}: {detail}")
+        return answer.json()
+
+    if args.action == "submit":
+        from tuneforge.jobs.spec import load_spec, spec_to_dict
+
+        job = call("POST", json=spec_to_dict(load_spec(args.config)))
+        print(f"{job['id']}  {job['status']}")
+    elif args.action == "list":
+        for j in call("GET")["jobs"]:
+            print(f"{j['id']}  {j['type']:7s} {j['status']:10s} {100 * j['progress']:5.1f}%  "
+                  f"{j['name']}")
+    elif args.action == "status":
+        print(json.dumps(call("GET", f"/{args.job_id}"), indent=2))
+    elif args.action == "metrics":
+        print(json.dumps(call("GET", f"/{args.job_id}/metrics"), indent=2))
+    elif args.action == "cancel":
+        print(f"{args.job_id}  {call('POST', f'/{args.job_id}/cancel')['status']}")
+    elif args.action == "logs":
+        with http.stream("GET", f"/{args.job_id}/logs",
+                         params={"follow": str(args.follow).lower()}) as answer:
+            if answer.status_code >= 400:
+                answer.read()
+                raise UserError(f"{answer.status_code}: {answer.text}")
+            for chunk in answer.iter_text():
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+    elif args.action == "evaluate":
+        from tuneforge.jobs.evaluate import format_table
+
+        body = {k: v for k, v in (("baseline", args.baseline), ("task", args.task),
+                                  ("data", args.data)) if v is not None}
+        report = call("POST", f"/{args.job_id}/evaluate", json=body)
+        scores = {k: v for k, v in report["report"].items() if isinstance(v, (int, float))}
+        print(json.dumps(scores, indent=2))
+        if report.get("comparison"):
+            print(format_table(report["comparison"]))
+    return 0

@@ -1,0 +1,137 @@
+"""Direct Preference Optimization through `forward_backward_custom`, with the cookbook's
+`compute_dpo_loss`. The reference model is the base model: its log-probabilities of every chosen
+and rejected answer are computed once, through a sampling client, before training starts."""
+
+from __future__ import annotations
+
+import torch
+from tinker import types
+
+from tuneforge.jobs import evaluate
+from tuneforge.jobs.runner import (
+    JobContext,
+    adam,
+    finish_adapter,
+    own_tokenizer,
+    pick_renderer,
+    train_loop,
+)
+from tuneforge.jobs.sft import load_split
+
+
+class Preference:
+    def __init__(self, ctx: JobContext, train: list[dict], held_out: list[dict]) -> None:
+        self.ctx, self.train, self.held_out = ctx, train, held_out
+        self.renderer = None
+        self.pairs: list[tuple[types.Datum, types.Datum]] = []
+        self.eval_pairs: list[tuple[types.Datum, types.Datum]] = []
+        self.ref: list[tuple[float, float]] = []
+        self.eval_ref: list[tuple[float, float]] = []
+
+    def _pair(self, ex: dict) -> tuple[types.Datum, types.Datum]:
+        from tinker_cookbook.renderers import TrainOnWhat
+        from tinker_cookbook.supervised.data import conversation_to_datum
+
+        spec = self.ctx.spec
+        return tuple(conversation_to_datum([*ex["prompt"], {"role": "assistant", "content": a}],
+                                           self.renderer, spec.max_length,
+                                           TrainOnWhat.LAST_ASSISTANT_MESSAGE, reduction="none")
+                     for a in (ex["chosen"], ex["rejected"]))
+
+    def setup(self, tc) -> None:
+        spec = self.ctx.spec
+        name, self.renderer = pick_renderer(spec.renderer, spec.base_model, own_tokenizer(tc))
+        self.pairs = [self._pair(ex) for ex in self.train]
+        self.eval_pairs = [self._pair(ex) for ex in self.held_out]
+        reference = self.ctx.service.create_sampling_client(base_model=spec.base_model).result()
+        self.ref = self._reference(reference, self.pairs)
+        self.eval_ref = self._reference(reference, self.eval_pairs)
+        self.ctx.run.log(f"renderer {name}; {len(self.pairs)} training and "
+                         f"{len(self.eval_pairs)} held-out pairs; reference log-probs computed")
+
+    @staticmethod
+    def _reference(sampler, pairs) -> list[tuple[float, float]]:
+        def full(d: types.Datum) -> types.ModelInput:
+            return d.model_input.append_int(int(d.loss_fn_inputs["target_tokens"].tolist()[-1]))
+
+        futures = [(sampler.compute_logprobs(full(c)), sampler.compute_logprobs(full(r)))
+                   for c, r in pairs]
+        out = []
+        for (c, r), (fc, fr) in zip(pairs, futures, strict=True):
+            out.append(tuple(_weighted(fut.result()[1:], d) for d, fut in ((c, fc), (r, fr))))
+        return out
+
+    def _loss(self, refs):
+        beta = self.ctx.spec.dpo_beta
+
+        def loss_fn(data, logprobs_list):
+            from tinker_cookbook.preference.train_dpo import compute_dpo_loss
+
+            weights = [torch.tensor(d.loss_fn_inputs["weights"].tolist()) for d in data]
+            sums = [(lp * w).sum() for lp, w in zip(logprobs_list, weights, strict=True)]
+            return compute_dpo_loss(sums[0::2], sums[1::2],
+                                    [torch.tensor(c) for c, _ in refs],
+                                    [torch.tensor(r) for _, r in refs], beta)
+        return loss_fn
+
+    def step(self, tc, indices: list[int], lr: float) -> dict:
+        data = [d for i in indices for d in self.pairs[i]]
+        fb = tc.forward_backward_custom(data, self._loss([self.ref[i] for i in indices]))
+        tc.optim_step(adam(lr)).result()
+        m = fb.result().metrics
+        return {"loss": m["dpo_loss"], "accuracy": m["accuracy"], "margin": m["margin"]}
+
+    def scores(self, sampler, pairs, refs) -> dict:
+        """DPO loss, preference accuracy and margin of the weights behind `sampler`."""
+        from tinker_cookbook.preference.train_dpo import compute_dpo_loss
+
+        policy = self._reference(sampler, pairs)
+        loss, m = compute_dpo_loss([torch.tensor(c) for c, _ in policy],
+                                   [torch.tensor(r) for _, r in policy],
+                                   [torch.tensor(c) for c, _ in refs],
+                                   [torch.tensor(r) for _, r in refs], self.ctx.spec.dpo_beta)
+        return {"loss": float(loss), "accuracy": m["accuracy"], "margin": m["margin"]}
+
+    def evaluate(self, tc) -> dict:
+        s = self.scores(tc.save_weights_and_get_sampling_client().result(), self.eval_pairs,
+                        self.eval_ref)
+        return {"eval_loss": s["loss"], "eval_accuracy": s["accuracy"],
+                "eval_margin": s["margin"]}
+
+    def report(self, sampler, examples: list[dict]) -> dict:
+        spec = self.ctx.spec
+        pairs = [self._pair(ex) for ex in examples]
+        reference = self.ctx.service.create_sampling_client(base_model=spec.base_model).result()
+        report = {"examples": len(pairs),
+                  **self.scores(sampler, pairs, self._reference(reference, pairs))}
+        shown = examples[: spec.eval_samples]
+        outputs = evaluate.generate(sampler, self.renderer, [ex["prompt"] for ex in shown],
+                                    spec.eval_max_tokens)
+        report["samples"] = [{"prompt": ex["prompt"][-1]["content"], "chosen": ex["chosen"],
+                              "rejected": ex["rejected"], "output": o}
+                             for ex, o in zip(shown, outputs, strict=True)]
+        return report
+
+
+def _weighted(logprobs, datum: types.Datum) -> float:
+    weights = datum.loss_fn_inputs["weights"].tolist()
+    return float(sum(w * lp for w, lp in zip(weights, logprobs, strict=True) if w))
+
+
+def run(ctx: JobContext) -> dict:
+    spec = ctx.spec
+    train, held_out = load_split(spec, "dpo")
+    pref = Preference(ctx, train, held_out)
+    result = train_loop(ctx, len(train), pref.step, pref.evaluate if held_out else None,
+                        setup=pref.setup)
+    adapter = finish_adapter(ctx, result)
+    sampler = ctx.service.create_sampling_client(model_path=result.final_path).result()
+    report = pref.report(sampler, held_out or train)
+    report["split"] = "held-out" if held_out else "train"
+    ctx.run.write("eval_report.json", report)
+    losses = [r["loss"] for r in ctx.run.rows("metrics.jsonl") if "loss" in r]
+    return {"steps": result.steps, "epochs_trained": result.epochs_trained,
+            "early_stopped": result.early_stopped, "best_epoch": result.best_epoch,
+            "learning_rate": result.base_lr, "first_train_loss": losses[0],
+            "last_train_loss": losses[-1], "sampler_path": result.final_path,
+            "state_path": result.state_path, "adapter": str(adapter), "eval": report}

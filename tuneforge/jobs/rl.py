@@ -1,0 +1,181 @@
+"""Reinforcement learning with verifiable rewards.
+
+Each step samples `group_size` answers per prompt from the current weights, grades them, and
+trains on the group-centred rewards (advantage = reward - group mean; groups where every answer
+got the same reward teach nothing and are left out) with the server's `importance_sampling` (or
+`ppo`) loss. The sampler's and the trainer's log-probabilities of the sampled tokens are compared
+every step (`kl_sampler_trainer`, their mean difference; it stays near 0 when the two agree).
+
+Graders: `exact_match` (normalized text), `boxed_number` (the last \\boxed{...} parsed as a
+number: 1 when right, `format_bonus` when boxed but wrong, 0 when not boxed), or a user function
+named as FILE.py:FUNCTION or module:FUNCTION, called as FUNCTION(response, answer) -> float.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tinker import types
+
+from tuneforge.errors import UserError
+from tuneforge.jobs import evaluate
+from tuneforge.jobs.runner import (
+    JobContext,
+    adam,
+    finish_adapter,
+    own_tokenizer,
+    pick_renderer,
+    train_loop,
+)
+from tuneforge.jobs.sft import load_split
+
+BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def exact_match(response: str, answer: str) -> float:
+    return float(evaluate.normalize(response) == evaluate.normalize(answer))
+
+
+def boxed_number(format_bonus: float) -> Callable[[str, str], float]:
+    def grade(response: str, answer: str) -> float:
+        found = BOXED.findall(response)
+        if not found:
+            return 0.0
+        try:
+            got = float(found[-1].replace(",", "").strip())
+            want = float(str(answer).replace(",", "").strip())
+        except ValueError:
+            return format_bonus
+        return 1.0 if math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9) else format_bonus
+    return grade
+
+
+def load_grader(name: str, format_bonus: float = 0.1) -> Callable[[str, str], float]:
+    if name == "exact_match":
+        return exact_match
+    if name == "boxed_number":
+        return boxed_number(format_bonus)
+    if ":" not in name:
+        raise UserError(f"grader: {name!r} is not exact_match, boxed_number, FILE.py:FUNCTION "
+                        "or module:FUNCTION")
+    where, func = name.rsplit(":", 1)
+    try:
+        if where.endswith(".py"):
+            if not Path(where).is_file():
+                raise UserError(f"grader: no such file {where}")
+            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"grader: cannot load {where}: {type(e).__name__}: {e}") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise UserError(f"grader: {where} has no function {func!r}")
+    return fn
+
+
+class Reinforce:
+    def __init__(self, ctx: JobContext, train: list[dict], held_out: list[dict]) -> None:
+        self.ctx, self.train, self.held_out = ctx, train, held_out
+        self.grade = load_grader(ctx.spec.grader, ctx.spec.format_bonus)
+        self.renderer = None
+        self.prompts: list[list[int]] = []
+
+    def setup(self, tc) -> None:
+        spec = self.ctx.spec
+        name, self.renderer = pick_renderer(spec.renderer, spec.base_model, own_tokenizer(tc))
+        self.prompts = [self.renderer.build_generation_prompt(ex["prompt"]).to_ints()
+                        for ex in self.train]
+        self.ctx.run.log(f"renderer {name}; {len(self.train)} training and "
+                         f"{len(self.held_out)} held-out prompts; grader {spec.grader}")
+
+    def step(self, tc, indices: list[int], lr: float) -> dict:
+        spec = self.ctx.spec
+        sampler = tc.save_weights_and_get_sampling_client().result()
+        step_no = self.ctx.progress.step
+        futures = [sampler.sample(
+            types.ModelInput.from_ints(self.prompts[i]), spec.group_size,
+            types.SamplingParams(max_tokens=spec.max_tokens, temperature=spec.temperature,
+                                 stop=self.renderer.get_stop_sequences(),
+                                 seed=spec.seed * 1_000_003 + step_no * 1009 + i))
+            for i in indices]
+        data, sampled, rewards = [], [], []
+        for i, fut in zip(indices, futures, strict=True):
+            seqs = fut.result().sequences
+            group = [self.grade(evaluate.text_of(self.renderer.parse_response(s.tokens)[0]),
+                                self.train[i]["answer"]) for s in seqs]
+            rewards.extend(group)
+            mean = sum(group) / len(group)
+            if all(abs(r - mean) < 1e-9 for r in group):
+                continue
+            prompt = self.prompts[i]
+            for seq, reward in zip(seqs, group, strict=True):
+                if not seq.tokens:
+                    continue
+                tokens = prompt + list(seq.tokens)
+                n_prompt = len(prompt) - 1
+                data.append(types.Datum(
+                    model_input=types.ModelInput.from_ints(tokens[:-1]),
+                    loss_fn_inputs={
+                        "target_tokens": types.TensorData.from_torch(torch.tensor(tokens[1:])),
+                        "logprobs": types.TensorData.from_torch(torch.tensor(
+                            [0.0] * n_prompt + list(seq.logprobs), dtype=torch.float32)),
+                        "advantages": types.TensorData.from_torch(torch.tensor(
+                            [0.0] * n_prompt + [reward - mean] * len(seq.tokens),
+                            dtype=torch.float32)),
+                    }))
+                sampled.append((n_prompt, list(seq.logprobs)))
+        metrics = {"reward": sum(rewards) / len(rewards),
+                   "accuracy": sum(r >= 1.0 for r in rewards) / len(rewards),
+                   "trained_sequences": len(data)}
+        if not data:
+            return {**metrics, "loss": 0.0, "kl_sampler_trainer": 0.0}
+        fb = tc.forward_backward(data, spec.loss_fn)
+        tc.optim_step(adam(lr)).result()
+        out = fb.result()
+        diffs = []
+        for (n_prompt, sampler_lp), o in zip(sampled, out.loss_fn_outputs, strict=True):
+            trainer_lp = o["logprobs"].tolist()[n_prompt:]
+            diffs.extend(s - t for s, t in zip(sampler_lp, trainer_lp, strict=True))
+        return {**metrics, "loss": out.metrics["loss:sum"] / max(len(diffs), 1),
+                "kl_sampler_trainer": sum(diffs) / len(diffs),
+                "max_abs_logprob_diff": max(abs(d) for d in diffs)}
+
+    def report(self, sampler, examples: list[dict]) -> dict:
+        spec = self.ctx.spec
+        return evaluate.graded_report(sampler, self.renderer, examples, self.grade,
+                                      spec.max_tokens, spec.eval_samples)
+
+    def evaluate(self, tc) -> dict:
+        r = self.report(tc.save_weights_and_get_sampling_client().result(), self.held_out)
+        return {"eval_reward": r["reward"], "eval_accuracy": r["accuracy"]}
+
+
+def run(ctx: JobContext) -> dict:
+    spec = ctx.spec
+    train, held_out = load_split(spec, "rl")
+    rl = Reinforce(ctx, train, held_out)
+    result = train_loop(ctx, len(train), rl.step, rl.evaluate if held_out else None,
+                        maximize=True, eval_name="eval_reward", train_key="reward",
+                        setup=rl.setup)
+    adapter = finish_adapter(ctx, result)
+    sampler = ctx.service.create_sampling_client(model_path=result.final_path).result()
+    report = rl.report(sampler, held_out or train)
+    report["split"] = "held-out" if held_out else "train"
+    ctx.run.write("eval_report.json", report)
+    steps = [r for r in ctx.run.rows("metrics.jsonl") if "reward" in r]
+    return {"steps": result.steps, "epochs_trained": result.epochs_trained,
+            "early_stopped": result.early_stopped, "best_epoch": result.best_epoch,
+            "learning_rate": result.base_lr, "first_reward": steps[0]["reward"],
+            "last_reward": steps[-1]["reward"], "sampler_path": result.final_path,
+            "state_path": result.state_path, "adapter": str(adapter), "eval": report}

@@ -1,0 +1,239 @@
+"""The job manager: declarative jobs (tuneforge.jobs) run in the server process, persisted.
+
+A job runs in its own thread and calls this server over loopback through the `tinker` SDK, with
+a key of its own that acts for the key that submitted it (so its runs and checkpoints belong to
+that key, and revoking that key stops the job's access too). At most `max_running_jobs` run at
+once; the rest wait in submission order.
+
+Persistence: the job's row (spec, status, progress, result) is in the metadata database and its
+files in `data_dir/experiments/JOB_ID`. When the server stops (cleanly or not) a running job is
+left "running"; the next start picks it up again and the runner continues from the last
+checkpoint in its folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from sqlalchemy import select, true
+
+from tuneforge.errors import NotFound, UserError
+from tuneforge.storage.db import JobRow, utcnow
+
+logger = logging.getLogger(__name__)
+
+ACTIVE = ("queued", "running")
+PROGRESS_WRITE_SECONDS = 1.0
+
+
+class JobManager:
+    def __init__(self, state) -> None:
+        self.state = state
+        self.db = state.db
+        self.root = state.paths.experiments
+        self.max_running = state.settings.max_running_jobs
+        self._slots = threading.Semaphore(self.max_running)
+        self._cancel: dict[str, threading.Event] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        host = self.state.settings.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        return f"http://{host}:{self.state.settings.port}"
+
+    # ---- lifetime ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        rows = self.db.select(select(JobRow).where(JobRow.status.in_(ACTIVE))
+                              .order_by(JobRow.created_at))
+        for row in rows:
+            if row.status == "running":
+                with self.db.session() as s:
+                    s.get(JobRow, row.id).restarts += 1
+                logger.info("job %s resumes after a server restart", row.id)
+            self._launch(row.id)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop running jobs without ending them: they resume when the server starts again."""
+        self._stopping.set()
+        for event in list(self._cancel.values()):
+            event.set()
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads.values()):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def submit(self, owner: str, raw: dict) -> JobRow:
+        from tuneforge.jobs.runner import preflight
+        from tuneforge.jobs.spec import parse_spec, spec_to_dict
+
+        spec = parse_spec(raw, base_dir=Path.cwd())
+        preflight(spec)
+        job_id = f"job-{secrets.token_hex(6)}"
+        row = JobRow(id=job_id, owner=owner, name=spec.name or job_id, type=spec.type,
+                     spec=spec_to_dict(spec), status="queued", progress={"progress": 0.0},
+                     folder=str(self.root / job_id))
+        row.key = self.state.keys.issue_job_key(job_id, owner)
+        self.db.add(row)
+        self._launch(job_id)
+        return row
+
+    def get(self, owner: str, job_id: str) -> JobRow:
+        row = self.db.get(JobRow, job_id)
+        if row is None or (row.owner != owner and not self.state.keys.is_admin(owner)):
+            raise NotFound(f"no job {job_id!r}")
+        return row
+
+    def list(self, owner: str, limit: int = 100, offset: int = 0) -> list[JobRow]:
+        if limit < 1 or limit > 1000 or offset < 0:
+            raise UserError("limit must be in [1, 1000] and offset >= 0")
+        where = true() if self.state.keys.is_admin(owner) else JobRow.owner == owner
+        return self.db.select(select(JobRow).where(where).order_by(JobRow.created_at.desc())
+                              .limit(limit).offset(offset))
+
+    def cancel(self, owner: str, job_id: str) -> JobRow:
+        row = self.get(owner, job_id)
+        if row.status not in ACTIVE:
+            return row
+        with self._lock:
+            event = self._cancel.get(job_id)
+        if event is not None:
+            event.set()
+        with self.db.session() as s:
+            live = s.get(JobRow, job_id)
+            if live.status == "queued":  # not started: it ends here
+                self._end(s, live, "cancelled")
+        return self.db.get(JobRow, job_id)
+
+    # ---- the job thread ------------------------------------------------------------------------
+
+    def _launch(self, job_id: str) -> None:
+        event = threading.Event()
+        thread = threading.Thread(target=self._run, args=(job_id, event), daemon=True,
+                                  name=f"job-{job_id}")
+        with self._lock:
+            self._cancel[job_id] = event
+            self._threads[job_id] = thread
+        thread.start()
+
+    def _run(self, job_id: str, cancel: threading.Event) -> None:
+        try:
+            with self._slots:
+                if cancel.is_set():
+                    return
+                self._execute(job_id, cancel)
+        except Exception:
+            logger.exception("job %s: manager error", job_id)
+        finally:
+            with self._lock:
+                self._cancel.pop(job_id, None)
+                self._threads.pop(job_id, None)
+
+    def _execute(self, job_id: str, cancel: threading.Event) -> None:
+        from tuneforge.jobs.runner import Cancelled, JobContext, RunDir, run_job
+        from tuneforge.jobs.spec import parse_spec
+
+        row = self.db.get(JobRow, job_id)
+        if row is None or row.status not in ACTIVE:
+            return
+        with self.db.session() as s:
+            live = s.get(JobRow, job_id)
+            live.status = "running"
+            live.started_at = live.started_at or utcnow()
+        run = RunDir(Path(row.folder))
+        last_write = [0.0]
+
+        def on_progress(snapshot: dict) -> None:
+            now = time.monotonic()
+            if now - last_write[0] < PROGRESS_WRITE_SECONDS and snapshot.get("progress") != 1.0:
+                return
+            last_write[0] = now
+            with self.db.session() as s:
+                live = s.get(JobRow, job_id)
+                if live is not None:
+                    live.progress = snapshot
+
+        try:
+            self._wait_for_server(cancel)
+            spec = parse_spec(row.spec)
+            ctx = JobContext.connect(spec, run, self.base_url, row.key, cancel=cancel,
+                                     on_progress=on_progress)
+            result = run_job(ctx)
+        except Cancelled:
+            if self._stopping.is_set():
+                run.log("server stopping: the job continues when it starts again")
+                return
+            run.log("cancelled")
+            self._finish(job_id, "cancelled")
+            return
+        except Exception as e:
+            if self._stopping.is_set():
+                run.log(f"server stopping ({type(e).__name__}): the job continues when it "
+                        "starts again")
+                return
+            message = e.message if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            run.log(f"failed: {message}\n{traceback.format_exc()}")
+            self._finish(job_id, "failed", error=message[:4000])
+            return
+        self._finish(job_id, "completed", result=result)
+
+    def _wait_for_server(self, cancel: threading.Event, timeout: float = 120.0) -> None:
+        """Jobs resumed at start-up begin before the server listens: wait until it answers."""
+        import httpx
+
+        from tuneforge.jobs.runner import Cancelled
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cancel.is_set():
+                raise Cancelled()
+            try:
+                if httpx.get(f"{self.base_url}/api/v1/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the server at {self.base_url} did not answer")
+
+    def _finish(self, job_id: str, status: str, result: dict | None = None,
+                error: str | None = None) -> None:
+        with self.db.session() as s:
+            self._end(s, s.get(JobRow, job_id), status, result, error)
+
+    def _end(self, s, row: JobRow, status: str, result: dict | None = None,
+             error: str | None = None) -> None:
+        row.status = status
+        row.finished_at = utcnow()
+        row.result = result
+        row.error = error
+        row.key = None
+        if status == "completed":
+            row.progress = {**(row.progress or {}), "progress": 1.0, "eta_seconds": 0.0}
+        self.state.keys.drop_job_keys(row.id)
+
+
+def job_json(row: JobRow) -> dict:
+    progress = row.progress or {}
+    return {
+        "id": row.id, "name": row.name, "type": row.type, "status": row.status,
+        "progress": progress.get("progress", 0.0), "step": progress.get("step"),
+        "total_steps": progress.get("total_steps"), "epoch": progress.get("epoch"),
+        "latest_loss": progress.get("loss"), "eta_seconds": progress.get("eta_seconds"),
+        **({"tasks": progress["tasks"], "tasks_done": progress.get("tasks_done")}
+           if "tasks" in progress else {}),
+        "base_model": row.spec.get("base_model"), "owner": row.owner,
+        "created_at": row.created_at.isoformat(),
+        "started_at": row.started_at.isoformat() if row.started_at else None,
+        "finished_at": row.finished_at.isoformat() if row.finished_at else None,
+        "restarts": row.restarts, "error": row.error, "result": row.result,
+        "folder": row.folder,
+    }

@@ -1,0 +1,132 @@
+"""The REST job API: declarative training jobs (see tuneforge.jobs and server/jobs.py).
+
+    POST /api/jobs                 start a job (body: the job config as JSON) -> {id, status}
+    GET  /api/jobs                 the caller's jobs, newest first
+    GET  /api/jobs/{id}            status, progress 0-1, epoch/step, latest loss, ETA, result
+    GET  /api/jobs/{id}/logs       the log (text); ?follow=true streams it until the job ends
+    GET  /api/jobs/{id}/metrics    per-step metrics, per-epoch history, checkpoints
+    POST /api/jobs/{id}/cancel     stop a queued or running job
+    POST /api/jobs/{id}/evaluate   evaluate its adapter; optionally against a baseline
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from tuneforge.errors import UserError
+from tuneforge.jobs.runner import RunDir
+from tuneforge.server.deps import JsonBody, OptionalJsonBody, Owner, State
+from tuneforge.server.jobs import ACTIVE, job_json
+
+router = APIRouter(prefix="/api/jobs")
+
+FOLLOW_POLL_SECONDS = 0.5
+EVALUATE_OPTIONS = {"data", "baseline", "task", "samples"}
+
+
+@router.post("")
+@router.post("/", include_in_schema=False)
+async def start_job(state: State, owner: Owner, body: JsonBody) -> dict:
+    row = await asyncio.to_thread(state.jobs.submit, owner, body)
+    return job_json(row)
+
+
+@router.get("")
+@router.get("/", include_in_schema=False)
+def list_jobs(state: State, owner: Owner, limit: int = 100, offset: int = 0) -> dict:
+    return {"jobs": [job_json(r) for r in state.jobs.list(owner, limit, offset)]}
+
+
+@router.get("/{job_id}")
+def get_job(state: State, owner: Owner, job_id: str) -> dict:
+    return job_json(state.jobs.get(owner, job_id))
+
+
+@router.get("/{job_id}/logs")
+def job_logs(state: State, owner: Owner, job_id: str, follow: bool = False,
+             offset: int = 0) -> StreamingResponse:
+    row = state.jobs.get(owner, job_id)
+    path = Path(row.folder) / "log.txt"
+    if offset < 0:
+        raise UserError("offset must be >= 0")
+
+    async def lines():
+        position = offset
+        while True:
+            chunk = b""
+            if path.exists():
+                with path.open("rb") as f:
+                    f.seek(position)
+                    chunk = f.read()
+            if chunk:
+                position += len(chunk)
+                yield chunk
+            if not follow:
+                return
+            live = await asyncio.to_thread(state.db.get, type(row), job_id)
+            if live is None or live.status not in ACTIVE:
+                if path.exists() and path.stat().st_size > position:
+                    continue  # the last lines, written as the job ended
+                return
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)
+
+    return StreamingResponse(lines(), media_type="text/plain; charset=utf-8")
+
+
+@router.get("/{job_id}/metrics")
+def job_metrics(state: State, owner: Owner, job_id: str) -> dict:
+    row = state.jobs.get(owner, job_id)
+    run = RunDir(Path(row.folder))
+    history_file = run.path / "training_history.json"
+    out = {"metrics": run.rows("metrics.jsonl"), "checkpoints": run.rows("checkpoints.jsonl"),
+           "history": json.loads(history_file.read_text()) if history_file.exists() else []}
+    if (run.path / "summary.json").exists():  # an atomic batch: every task's history
+        out["tasks"] = {p.name: json.loads((p / "training_history.json").read_text())
+                        for p in sorted((run.path / "tasks").iterdir())
+                        if (p / "training_history.json").exists()}
+    return out
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(state: State, owner: Owner, job_id: str) -> dict:
+    return job_json(state.jobs.cancel(owner, job_id))
+
+
+@router.post("/{job_id}/evaluate")
+async def evaluate_job(state: State, owner: Owner, job_id: str, request: Request,
+                       body: OptionalJsonBody = None) -> dict:
+    """Body (all optional): data (JSONL path or rows of the job's shape; default its held-out
+    split), baseline ("base" or another job id), task (atomic jobs), samples (how many)."""
+    import tinker
+
+    from tuneforge.jobs.report import evaluate_run
+
+    body = body or {}
+    unknown = set(body) - EVALUATE_OPTIONS
+    if unknown:
+        raise UserError(f"evaluate: unknown option(s) {', '.join(sorted(unknown))} (options: "
+                        f"{', '.join(sorted(EVALUATE_OPTIONS))})")
+    row = state.jobs.get(owner, job_id)
+    baseline = body.get("baseline")
+    baseline_folder = None
+    if baseline is not None and baseline != "base":
+        baseline_folder = Path(state.jobs.get(owner, str(baseline)).folder)
+    samples = body.get("samples")
+    if samples is not None and (not isinstance(samples, int) or not 0 <= samples <= 100):
+        raise UserError("samples must be an integer in [0, 100]")
+    api_key = request.headers.get("x-api-key")
+
+    def work() -> dict:
+        service = tinker.ServiceClient(base_url=state.jobs.base_url, api_key=api_key)
+        report = evaluate_run(service, Path(row.folder), data_source=body.get("data"),
+                              baseline=baseline, baseline_folder=baseline_folder,
+                              task=body.get("task"), samples=samples)
+        RunDir(Path(row.folder)).write("evaluation.json", report)
+        return report
+
+    return {"id": job_id, **await asyncio.to_thread(work)}
