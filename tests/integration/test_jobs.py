@@ -121,6 +121,13 @@ def test_distill_example_student_matches_the_teacher_without_the_skill(jobs_serv
           f"{result['eval']['loss']:.3f} (before training {result['eval']['base_model_loss']:.3f})")
     assert result["eval"]["loss"] < 0.75 * result["eval"]["base_model_loss"]
     assert "teacher tuneforge/tiny-qwen3 answered 12 prompts" in (out / "log.txt").read_text()
+    # a checkpoint as the teacher (here the student just trained), with a plain system prompt
+    teacher = {"model": result["sampler_path"], "system_prompt": "Be brief.", "max_tokens": 8}
+    again = wait(jobs_server, submit(jobs_server, example("distill.yaml", teacher=teacher,
+                                                          epochs=2)))
+    log = (folder(again) / "log.txt").read_text()
+    assert f"teacher {result['sampler_path']} answered 12 prompts" in log
+    assert again["result"]["last_train_loss"] < again["result"]["first_train_loss"]
 
 
 def test_rl_example_raises_the_reward_after_a_warm_start(jobs_server):
@@ -174,6 +181,11 @@ def test_atomic_batch_isolates_a_broken_task_and_stops_a_plateau(jobs_server, tm
     evaluated = api(jobs_server).post(f"/{job['id']}/evaluate",
                                       json={"task": "double", "baseline": "base"}).json()
     assert evaluated["report"]["examples"] == 2
+    # finished jobs and evaluations end their SDK sessions: no training model stays loaded
+    text = httpx.get(f"{jobs_server.base_url}/metrics").text
+    loaded = [float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("tuneforge_training_models{")]
+    assert loaded and sum(loaded) == 0, text
 
 
 def test_bad_configs_cancel_and_isolation(jobs_server):

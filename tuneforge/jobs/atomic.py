@@ -75,6 +75,7 @@ def run(ctx: JobContext) -> dict:
                 return meta
         t0 = time.monotonic()
         meta = {"name": name, "status": "running"}
+        child = None
         try:
             tspec = task_spec(spec, task)
             child = ctx.child(tspec, folder.path, progress[name])
@@ -96,6 +97,9 @@ def run(ctx: JobContext) -> dict:
             meta.update(status="failed", error=f"{type(e).__name__}: {e}",
                         traceback=traceback.format_exc())
             ctx.run.log(f"[{name}] failed: {type(e).__name__}: {e}")
+        finally:
+            if child is not None and child is not ctx and child.base_url is not None:
+                child.close("success" if meta["status"] == "completed" else "errored")
         meta["wall_seconds"] = round(time.monotonic() - t0, 2)
         folder.write("metadata.json", meta)
         with lock:

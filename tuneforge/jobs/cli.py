@@ -107,8 +107,12 @@ def _train(spec, out: Path, url: str, key: str | None) -> int:
                              on_progress=progress)
     try:
         result = run_job(ctx)
+    except BaseException:
+        ctx.close("errored")
+        raise
     finally:
         bar.close()
+    ctx.close("success")
     print(summary_text(result, out))
     return 0
 

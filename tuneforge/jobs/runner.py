@@ -133,13 +133,24 @@ class JobContext:
     cancel: threading.Event = field(default_factory=threading.Event)
     on_progress: Callable[[dict], None] | None = None
     progress: Progress = field(default_factory=Progress)
+    base_url: str | None = None
+    api_key: str | None = None
 
     @classmethod
     def connect(cls, spec, run: RunDir, base_url: str, api_key: str | None,
                 **kw) -> JobContext:
         return cls(spec=spec, run=run,
                    service=tinker.ServiceClient(base_url=base_url, api_key=api_key),
-                   rest=tinker.RestClient(base_url=base_url, api_key=api_key), **kw)
+                   rest=tinker.RestClient(base_url=base_url, api_key=api_key),
+                   base_url=base_url, api_key=api_key, **kw)
+
+    def close(self, status: str) -> None:
+        """End this context's SDK session: the server frees its training models and samplers
+        (an unfinished session would hold them, and count against the key's model cap)."""
+        try:
+            self.service.close(status).result(timeout=60)
+        except Exception:  # the server may be gone (stopping); nothing is lost
+            pass
 
     def check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -150,8 +161,13 @@ class JobContext:
             self.on_progress(self.progress.snapshot())
 
     def child(self, spec, path: Path, progress: Progress) -> JobContext:
+        """A context for one part of this job (an atomic task), with its own SDK session when
+        this one was made by `connect`, so the part's models are freed when it closes."""
+        if self.base_url is not None:
+            return JobContext.connect(spec, RunDir(path), self.base_url, self.api_key,
+                                      cancel=self.cancel, progress=progress)
         return JobContext(spec=spec, run=RunDir(path), service=self.service, rest=self.rest,
-                          cancel=self.cancel, on_progress=None, progress=progress)
+                          cancel=self.cancel, progress=progress)
 
 
 # ---- model facts ---------------------------------------------------------------------------------

@@ -162,6 +162,7 @@ class JobManager:
                 if live is not None:
                     live.progress = snapshot
 
+        ctx = None
         try:
             self._wait_for_server(cancel)
             spec = parse_spec(row.spec)
@@ -173,6 +174,8 @@ class JobManager:
                 run.log("server stopping: the job continues when it starts again")
                 return
             run.log("cancelled")
+            if ctx is not None:
+                ctx.close("interrupted")
             self._finish(job_id, "cancelled")
             return
         except Exception as e:
@@ -182,8 +185,11 @@ class JobManager:
                 return
             message = e.message if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             run.log(f"failed: {message}\n{traceback.format_exc()}")
+            if ctx is not None:
+                ctx.close("errored")
             self._finish(job_id, "failed", error=message[:4000])
             return
+        ctx.close("success")
         self._finish(job_id, "completed", result=result)
 
     def _wait_for_server(self, cancel: threading.Event, timeout: float = 120.0) -> None:

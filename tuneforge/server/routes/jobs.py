@@ -123,9 +123,15 @@ async def evaluate_job(state: State, owner: Owner, job_id: str, request: Request
 
     def work() -> dict:
         service = tinker.ServiceClient(base_url=state.jobs.base_url, api_key=api_key)
-        report = evaluate_run(service, Path(row.folder), data_source=body.get("data"),
-                              baseline=baseline, baseline_folder=baseline_folder,
-                              task=body.get("task"), samples=samples)
+        try:
+            report = evaluate_run(service, Path(row.folder), data_source=body.get("data"),
+                                  baseline=baseline, baseline_folder=baseline_folder,
+                                  task=body.get("task"), samples=samples)
+        finally:
+            try:
+                service.close("success").result(timeout=60)
+            except Exception:
+                pass
         RunDir(Path(row.folder)).write("evaluation.json", report)
         return report
 
