@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     """Training models one API key may have loaded at once."""
     max_running_jobs: int = Field(4, ge=1)
     """Declarative jobs (POST /api/jobs) running at once; later ones wait in order."""
+    job_files_dir: Path | None = None
+    """Jobs posted over HTTP may name server files (data, tasks, skill files) only inside this
+    folder; unset: they must carry their rows inline (`tuneforge jobs submit` inlines them)."""
+    allow_job_code: bool = False
+    """Let jobs posted over HTTP name a Python grader (FILE.py:FUNCTION or module:FUNCTION),
+    which the server then runs: only for servers whose every key is trusted with that."""
     batch_tokens: int = Field(16384, ge=1)
     """Tokens of forward/forward_backward requests (of different models) one shared pass may
     gather; a request bigger than this runs alone."""

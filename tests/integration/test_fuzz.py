@@ -117,6 +117,32 @@ def rest_cases(ids: dict) -> Iterator[tuple[str, str, object]]:
     yield "POST", f"training_runs/{run}/checkpoints/weights/fuzz-base/publish", None
 
 
+JOB = {"type": "sft", "base_model": MODEL, "data": [{"prompt": "p", "response": "r"}],
+       "epochs": 1, "eval_samples": 0}
+JOB_FIELDS = ["type", "base_model", "data", "lora_rank", "learning_rate", "batch_size", "epochs",
+              "eval_split", "eval_data", "patience", "name", "seed", "max_length", "renderer",
+              "load_checkpoint_path", "train_on", "tasks", "grader", "teacher"]
+
+
+def job_cases(rng: random.Random) -> Iterator[tuple[str, str, object]]:
+    """The job API (/api/jobs): hostile configs, ids, paths and evaluate bodies."""
+    for body in (None, [], "text", 7, {}, {"type": "sft"}):
+        yield "JOB", "", body
+    for _ in range(40):
+        body = dict(JOB)
+        for f in rng.sample(JOB_FIELDS, k=rng.randint(1, 3)):
+            body[f] = rng.choice(HOSTILE)
+        yield "JOB", "", body
+    for bad in ["..", "%2e%2e", "x" * 300, "job-nope", "a%00b"]:
+        yield "JOBGET", f"/{bad}", None
+        yield "JOBGET", f"/{bad}/logs?offset=-1", None
+        yield "JOBGET", f"/{bad}/metrics", None
+        yield "JOB", f"/{bad}/cancel", None
+        yield "JOB", f"/{bad}/evaluate", {"baseline": bad, "data": "/etc/passwd"}
+    for query in ("limit=-1", "limit=99999999", "offset=-5", "limit=abc"):
+        yield "JOBGET", f"?{query}", None
+
+
 def protobuf_cases(rng: random.Random, ids: dict) -> Iterator[bytes]:
     for n in (0, 1, 7, 100, 5000):
         yield bytes(rng.getrandbits(8) for _ in range(n))
@@ -178,6 +204,11 @@ def test_hostile_requests_never_break_the_server(sandbox, models_dir):
             else:
                 r = http.request(method, url, headers=headers, json=body)
             check(r, f"{method} {endpoint} {json.dumps(body, default=str)[:200]}")
+        for method, path, body in job_cases(rng):
+            url = f"/api/jobs{path}"
+            r = (http.get(url, headers=headers) if method == "JOBGET"
+                 else http.post(url, headers=headers, json=body))
+            check(r, f"{method} {url} {json.dumps(body, default=str)[:200]}")
         for body in protobuf_cases(rng, ids):
             r = http.post("/api/v1/forward_backward", content=body,
                           headers={**headers, "Content-Type": "application/x-protobuf"})

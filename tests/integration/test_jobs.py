@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.integration.server import ServerProcess
+from tuneforge.jobs.data import inline_files
 from tuneforge.jobs.spec import load_spec, spec_to_dict
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -23,7 +24,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 @pytest.fixture(scope="module")
 def jobs_server(tmp_path_factory, models_dir):
-    proc = ServerProcess(tmp_path_factory.mktemp("jobs"), models_dir).start()
+    """Jobs may name files inside examples/ only (others send their rows inline)."""
+    proc = ServerProcess(tmp_path_factory.mktemp("jobs"), models_dir,
+                         env={"TUNEFORGE_JOB_FILES_DIR": str(EXAMPLES)}).start()
     yield proc
     proc.stop()
 
@@ -34,7 +37,12 @@ def api(server: ServerProcess, key: str | None = None) -> httpx.Client:
 
 
 def example(name: str, **changes) -> dict:
-    return {**spec_to_dict(load_spec(EXAMPLES / name)), **changes}
+    """An example config as `tuneforge jobs submit` sends it: files inlined."""
+    return {**spec_to_dict(inline_files(load_spec(EXAMPLES / name))), **changes}
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def submit(server: ServerProcess, spec: dict) -> str:
@@ -149,9 +157,9 @@ def test_rl_example_raises_the_reward_after_a_warm_start(jobs_server):
 def test_atomic_batch_isolates_a_broken_task_and_stops_a_plateau(jobs_server, tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "response": "b"}\n'
                                            '{"prompt": "no response here"}\n')
-    tasks = [{"name": p.stem, "data": str(p)} for p in sorted((EXAMPLES / "tasks").glob("*"))]
-    tasks += [{"name": "broken", "data": str(tmp_path / "broken.jsonl")},
-              {"name": "plateau", "data": str(EXAMPLES / "tasks" / "upper.jsonl"),
+    tasks = [{"name": p.stem, "data": rows(p)} for p in sorted((EXAMPLES / "tasks").glob("*"))]
+    tasks += [{"name": "broken", "data": rows(tmp_path / "broken.jsonl")},
+              {"name": "plateau", "data": rows(EXAMPLES / "tasks" / "upper.jsonl"),
                "learning_rate": 1e-9}]
     spec = example("atomic.yaml", tasks=tasks, max_concurrent=7)
     job = wait(jobs_server, submit(jobs_server, spec))
@@ -164,7 +172,7 @@ def test_atomic_batch_isolates_a_broken_task_and_stops_a_plateau(jobs_server, tm
     assert summary["tasks"] == 7 and summary["completed"] == 6 and summary["failed"] == 1
     broken = json.loads((out / "tasks/broken/metadata.json").read_text())
     assert broken["status"] == "failed" and "Traceback" in broken["traceback"]
-    assert "broken.jsonl:2" in broken["error"] and "response" in broken["error"]
+    assert "data[1]: a supervised row needs 'prompt' and 'response'" in broken["error"]
     plateau = by_name["plateau"]
     assert plateau["early_stopped"] and plateau["epochs_trained"] < 6
     for name in ("upper", "reverse", "plural", "double", "greet"):
@@ -195,7 +203,13 @@ def test_bad_configs_cancel_and_isolation(jobs_server):
            ({**example("sft.yaml"), "lora_rank": 0}, "lora_rank"),
            ({**example("sft.yaml"), "dpo_beta": 0.1}, "dpo_beta: unknown option"),
            ({**example("sft.yaml"), "data": [{"prompt": "x"}]}, "data[0]"),
-           ({**example("rl_boxed.yaml"), "grader": "/nowhere/g.py:f"}, "grader: no such file"),
+           ({**example("rl_boxed.yaml"), "grader": "os:system"},
+            "grader: 'os:system' is Python code this server would run"),
+           ({**example("sft.yaml"), "data": "/etc/passwd"},
+            "data: '/etc/passwd' is outside the job files folder"),
+           ({**example("sft.yaml"), "data": "../../secret.jsonl"}, "is outside the job files"),
+           ({**example("distill.yaml"), "teacher": {"model": "m", "skill_file": "/etc/hosts"}},
+            "teacher.skill_file: '/etc/hosts' is outside"),
            ({"base_model": "x"}, "type: required")]
     for spec, message in bad:
         answer = http.post("", json=spec)
@@ -267,6 +281,11 @@ def test_cli_train_and_jobs(jobs_server, tmp_path, models_dir):
     submitted = subprocess.run([*tf, "jobs", "submit", str(EXAMPLES / "sft.yaml")],
                                capture_output=True, text=True, env=env, check=True)
     job_id = submitted.stdout.split()[0]
+    # by path: the server reads the files itself (they are inside its job files folder)
+    by_path = subprocess.run([*tf, "jobs", "submit", "--no-inline", str(EXAMPLES / "dpo.yaml")],
+                             capture_output=True, text=True, env=env, check=True)
+    path_job = wait(jobs_server, by_path.stdout.split()[0])
+    assert path_job["result"]["last_train_loss"] < path_job["result"]["first_train_loss"]
     logs = subprocess.run([*tf, "jobs", "logs", job_id, "--follow"], capture_output=True,
                           text=True, env=env, timeout=600, check=True)
     assert "sft job finished" in logs.stdout

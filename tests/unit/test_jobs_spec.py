@@ -174,3 +174,18 @@ def test_text_scores_and_comparison():
                             {"loss": 2.5, "examples": 3}, "job", "base")
     assert rows == [{"metric": "loss", "job": 1.0, "base": 2.5, "delta": -1.5}]
     assert "delta" in evaluate.format_table(rows)
+
+
+def test_inline_files_carries_every_file_in_the_config():
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        spec = data.inline_files(load_spec(path))
+        assert data.named_files(spec) == [], path.name  # nothing left for a server to read
+        preflight(spec)
+    distill = data.inline_files(load_spec(EXAMPLES / "distill.yaml"))
+    assert distill.teacher.system_prompt == (EXAMPLES / "SKILL.md").read_text()
+    atomic = data.inline_files(load_spec(EXAMPLES / "atomic.yaml"))
+    assert [t["name"] for t in atomic.tasks] == ["double", "greet", "plural", "reverse", "upper"]
+    assert all(isinstance(t["data"], list) and "_where" not in t["data"][0]
+               for t in atomic.tasks)
+    sft = load_spec(EXAMPLES / "sft.yaml")
+    assert data.named_files(sft) == [("data", str(EXAMPLES / "data" / "capitals.jsonl"))]

@@ -37,6 +37,9 @@ def add_parsers(sub) -> None:
     acts = jobs.add_subparsers(dest="action", required=True)
     submit = acts.add_parser("submit", help="start a job from a config file")
     submit.add_argument("config", type=Path)
+    submit.add_argument("--no-inline", dest="inline", action="store_false",
+                        help="send file paths instead of their rows (the server must see "
+                        "them, inside its TUNEFORGE_JOB_FILES_DIR)")
     acts.add_parser("list", help="your jobs")
     for name, text in (("status", "a job's status"), ("cancel", "cancel a job"),
                        ("metrics", "a job's metrics (JSON)")):
@@ -48,7 +51,8 @@ def add_parsers(sub) -> None:
     ev.add_argument("job_id")
     ev.add_argument("--baseline", help="'base' (the base model) or another job id")
     ev.add_argument("--task", help="the task of an atomic job")
-    ev.add_argument("--data", help="a JSONL file on the server (default: the held-out split)")
+    ev.add_argument("--data", help="a JSONL file inside the server's job files folder "
+                    "(default: the held-out split)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -153,9 +157,11 @@ def jobs(args: argparse.Namespace) -> int:
         return answer.json()
 
     if args.action == "submit":
+        from tuneforge.jobs.data import inline_files
         from tuneforge.jobs.spec import load_spec, spec_to_dict
 
-        job = call("POST", json=spec_to_dict(load_spec(args.config)))
+        spec = load_spec(args.config)
+        job = call("POST", json=spec_to_dict(inline_files(spec) if args.inline else spec))
         print(f"{job['id']}  {job['status']}")
     elif args.action == "list":
         for j in call("GET")["jobs"]:

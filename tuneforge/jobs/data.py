@@ -42,10 +42,12 @@ def read_rows(source: str | list, what: str = "data") -> list[dict]:
                 where.append(f"{path}:{n}")
                 if len(rows) > MAX_ROWS:
                     raise UserError(f"{what}: more than {MAX_ROWS} rows")
+    out = []
     for row, loc in zip(rows, where, strict=True):
         if not isinstance(row, dict):
             raise UserError(f"{what}: {loc}: each row must be a JSON object")
-        row.setdefault("_where", loc)
+        out.append({**row, "_where": loc})
+    rows = out
     if not rows:
         raise UserError(f"{what}: no rows")
     return rows
@@ -166,3 +168,40 @@ def load_tasks(source) -> list[dict]:
             raise UserError(f"{row['_where']}: task {name!r} needs 'data' (a path or rows)")
         tasks.append({**{k: v for k, v in row.items() if not k.startswith("_")}, "data": data})
     return tasks
+
+
+def _plain(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "_where"} for r in rows]
+
+
+def inline_files(spec):
+    """The spec with every file it names replaced by its content (data rows, task rows, the
+    teacher's skill file as its system prompt), so it can run on a server that cannot see them.
+    A Python grader stays a reference: code is not shipped."""
+    update = {}
+    for field in ("data", "eval_data"):
+        if isinstance(getattr(spec, field, None), str):
+            update[field] = _plain(read_rows(getattr(spec, field), field))
+    if spec.type == "atomic":
+        update["tasks"] = [{**t, "data": _plain(read_rows(t["data"], f"task {t['name']}"))
+                            if isinstance(t["data"], str) else t["data"]}
+                           for t in load_tasks(spec.tasks)]
+    if spec.type == "distill" and spec.teacher.skill_file:
+        update["teacher"] = spec.teacher.model_copy(update={
+            "skill_file": None, "system_prompt": Path(spec.teacher.skill_file).read_text()})
+    return spec.model_copy(update=update)
+
+
+def named_files(spec) -> list[tuple[str, str]]:
+    """(field, path) for every server file the spec names."""
+    out = [(f, getattr(spec, f)) for f in ("data", "eval_data")
+           if isinstance(getattr(spec, f, None), str)]
+    if spec.type == "atomic":
+        if isinstance(spec.tasks, str):
+            out.append(("tasks", spec.tasks))
+        else:
+            out += [(f"tasks[{i}].data", t.get("data")) for i, t in enumerate(spec.tasks)
+                    if isinstance(t, dict) and isinstance(t.get("data"), str)]
+    if spec.type == "distill" and spec.teacher.skill_file:
+        out.append(("teacher.skill_file", spec.teacher.skill_file))
+    return out

@@ -36,6 +36,7 @@ from tuneforge.jobs.runner import (
 from tuneforge.jobs.sft import load_split
 
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+BUILTIN_GRADERS = ("exact_match", "boxed_number")
 
 
 def exact_match(response: str, answer: str) -> float:

@@ -76,7 +76,9 @@ class JobManager:
         from tuneforge.jobs.runner import preflight
         from tuneforge.jobs.spec import parse_spec, spec_to_dict
 
-        spec = parse_spec(raw, base_dir=Path.cwd())
+        files_dir = self.state.settings.job_files_dir
+        spec = parse_spec(raw, base_dir=files_dir.resolve() if files_dir else None)
+        self.check_access(spec)
         preflight(spec)
         job_id = f"job-{secrets.token_hex(6)}"
         row = JobRow(id=job_id, owner=owner, name=spec.name or job_id, type=spec.type,
@@ -86,6 +88,38 @@ class JobManager:
         self.db.add(row)
         self._launch(job_id)
         return row
+
+    def check_access(self, spec) -> None:
+        """Jobs from HTTP read server files only inside `job_files_dir`, and run user code only
+        when `allow_job_code` is set."""
+        from tuneforge.jobs.data import load_tasks, named_files
+        from tuneforge.jobs.rl import BUILTIN_GRADERS
+
+        for field, path in named_files(spec):
+            self.check_file(field, path)
+        if spec.type == "atomic" and isinstance(spec.tasks, str):  # the files a listing names
+            for task in load_tasks(spec.tasks):
+                if isinstance(task["data"], str):
+                    self.check_file(f"task {task['name']}: data", task["data"])
+        if (spec.type == "rl" and spec.grader not in BUILTIN_GRADERS
+                and not self.state.settings.allow_job_code):
+            raise UserError(f"grader: {spec.grader!r} is Python code this server would run; "
+                            "it accepts only exact_match and boxed_number (the operator can "
+                            "allow code with TUNEFORGE_ALLOW_JOB_CODE=1)")
+
+    def check_file(self, field: str, path: str) -> str:
+        """`path` (relative ones: to `job_files_dir`) if it lies inside that folder."""
+        files_dir = self.state.settings.job_files_dir
+        if files_dir is None:
+            raise UserError(f"{field}: this server reads no files for jobs; send the rows "
+                            "inline (`tuneforge jobs submit` does), or the operator sets "
+                            "TUNEFORGE_JOB_FILES_DIR")
+        root = files_dir.resolve()
+        full = (root / path).resolve()
+        if not full.is_relative_to(root):
+            raise UserError(f"{field}: {path!r} is outside the job files folder of this "
+                            f"server ({root})")
+        return str(full)
 
     def get(self, owner: str, job_id: str) -> JobRow:
         row = self.db.get(JobRow, job_id)

@@ -116,6 +116,9 @@ async def evaluate_job(state: State, owner: Owner, job_id: str, request: Request
     baseline_folder = None
     if baseline is not None and baseline != "base":
         baseline_folder = Path(state.jobs.get(owner, str(baseline)).folder)
+    data_source = body.get("data")
+    if isinstance(data_source, str):
+        data_source = state.jobs.check_file("data", data_source)
     samples = body.get("samples")
     if samples is not None and (not isinstance(samples, int) or not 0 <= samples <= 100):
         raise UserError("samples must be an integer in [0, 100]")
@@ -124,7 +127,7 @@ async def evaluate_job(state: State, owner: Owner, job_id: str, request: Request
     def work() -> dict:
         service = tinker.ServiceClient(base_url=state.jobs.base_url, api_key=api_key)
         try:
-            report = evaluate_run(service, Path(row.folder), data_source=body.get("data"),
+            report = evaluate_run(service, Path(row.folder), data_source=data_source,
                                   baseline=baseline, baseline_folder=baseline_folder,
                                   task=body.get("task"), samples=samples)
         finally:
