@@ -44,6 +44,8 @@ def test_the_examples_cover_every_job_type():
     ({"eval_split": 0.2, "eval_data": []}, "give eval_split or eval_data, not both"),
     ({"load_checkpoint_path": "/tmp/x"}, "load_checkpoint_path: String should match"),
     ({"type": "ppo"}, "type"),
+    ({"patience": 2}, "patience needs held-out data: set eval_split or eval_data"),
+    ({"eval_every": 5}, "eval_every needs held-out data"),
 ])
 def test_bad_options_are_refused_by_name(change, message):
     with pytest.raises(UserError, match="invalid job config") as err:

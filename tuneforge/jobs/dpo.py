@@ -11,7 +11,7 @@ from tuneforge.jobs import evaluate
 from tuneforge.jobs.runner import (
     JobContext,
     adam,
-    finish_adapter,
+    conclude,
     own_tokenizer,
     pick_renderer,
     train_loop,
@@ -124,14 +124,4 @@ def run(ctx: JobContext) -> dict:
     pref = Preference(ctx, train, held_out)
     result = train_loop(ctx, len(train), pref.step, pref.evaluate if held_out else None,
                         setup=pref.setup)
-    adapter = finish_adapter(ctx, result)
-    sampler = ctx.service.create_sampling_client(model_path=result.final_path).result()
-    report = pref.report(sampler, held_out or train)
-    report["split"] = "held-out" if held_out else "train"
-    ctx.run.write("eval_report.json", report)
-    losses = [r["loss"] for r in ctx.run.rows("metrics.jsonl") if "loss" in r]
-    return {"steps": result.steps, "epochs_trained": result.epochs_trained,
-            "early_stopped": result.early_stopped, "best_epoch": result.best_epoch,
-            "learning_rate": result.base_lr, "first_train_loss": losses[0],
-            "last_train_loss": losses[-1], "sampler_path": result.final_path,
-            "state_path": result.state_path, "adapter": str(adapter), "eval": report}
+    return conclude(ctx, result, pref, held_out or train, bool(held_out))

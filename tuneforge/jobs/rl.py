@@ -28,7 +28,7 @@ from tuneforge.jobs import evaluate
 from tuneforge.jobs.runner import (
     JobContext,
     adam,
-    finish_adapter,
+    conclude,
     own_tokenizer,
     pick_renderer,
     train_loop,
@@ -169,14 +169,4 @@ def run(ctx: JobContext) -> dict:
     result = train_loop(ctx, len(train), rl.step, rl.evaluate if held_out else None,
                         maximize=True, eval_name="eval_reward", train_key="reward",
                         setup=rl.setup)
-    adapter = finish_adapter(ctx, result)
-    sampler = ctx.service.create_sampling_client(model_path=result.final_path).result()
-    report = rl.report(sampler, held_out or train)
-    report["split"] = "held-out" if held_out else "train"
-    ctx.run.write("eval_report.json", report)
-    steps = [r for r in ctx.run.rows("metrics.jsonl") if "reward" in r]
-    return {"steps": result.steps, "epochs_trained": result.epochs_trained,
-            "early_stopped": result.early_stopped, "best_epoch": result.best_epoch,
-            "learning_rate": result.base_lr, "first_reward": steps[0]["reward"],
-            "last_reward": steps[-1]["reward"], "sampler_path": result.final_path,
-            "state_path": result.state_path, "adapter": str(adapter), "eval": report}
+    return conclude(ctx, result, rl, held_out or train, bool(held_out), key="reward")

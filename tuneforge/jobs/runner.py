@@ -389,6 +389,26 @@ def finish_adapter(ctx: JobContext, result: LoopResult) -> Path:
     return download_adapter(ctx, tc, f"export-{result.steps:06d}", ctx.run.path / "adapter")
 
 
+def conclude(ctx: JobContext, result: LoopResult, evaluator, examples: list[dict],
+             held_out: bool, key: str = "loss", more=None) -> dict:
+    """The end of a job: export the kept adapter, evaluate it on `examples` (written to
+    eval_report.json; `more(report)` may add to it) and summarise the run."""
+    adapter = finish_adapter(ctx, result)
+    sampler = ctx.service.create_sampling_client(model_path=result.final_path).result()
+    report = evaluator.report(sampler, examples)
+    report["split"] = "held-out" if held_out else "train"
+    if more:
+        more(report)
+    ctx.run.write("eval_report.json", report)
+    values = [r[key] for r in ctx.run.rows("metrics.jsonl") if key in r]
+    name = "train_loss" if key == "loss" else key
+    return {"steps": result.steps, "epochs_trained": result.epochs_trained,
+            "early_stopped": result.early_stopped, "best_epoch": result.best_epoch,
+            "learning_rate": result.base_lr, f"first_{name}": values[0],
+            f"last_{name}": values[-1], "sampler_path": result.final_path,
+            "state_path": result.state_path, "adapter": str(adapter), "eval": report}
+
+
 def preflight(spec) -> None:
     """Everything that can be checked before a job runs: data rows, grader, teacher context,
     the task list. Raises UserError naming the field (and file:line) at fault."""

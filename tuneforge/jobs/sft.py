@@ -16,7 +16,7 @@ from tuneforge.jobs import data, evaluate
 from tuneforge.jobs.runner import (
     JobContext,
     adam,
-    finish_adapter,
+    conclude,
     own_tokenizer,
     pick_renderer,
     train_loop,
@@ -88,21 +88,13 @@ def train_supervised(ctx: JobContext, sup: Supervised, tag: str = "") -> dict:
     spec = ctx.spec
     result = train_loop(ctx, len(sup.train), sup.step,
                         sup.evaluate if sup.held_out else None, setup=sup.setup, tag=tag)
-    adapter = finish_adapter(ctx, result)
-    sampler = ctx.service.create_sampling_client(model_path=result.final_path).result()
-    report_on = sup.held_out or sup.train[: max(spec.eval_samples, 1)]
-    report = sup.report(sampler, report_on)
-    report["split"] = "held-out" if sup.held_out else "train"
-    ctx.run.write("eval_report.json", report)
-    losses = [r["loss"] for r in ctx.run.rows("metrics.jsonl") if "loss" in r]
-    ctx.run.log(f"{tag}done: {result.steps} steps, train loss {losses[0]:.4f} -> "
-                f"{losses[-1]:.4f}, {report['split']} loss {report['loss']:.4f}")
-    return {"steps": result.steps, "epochs_trained": result.epochs_trained,
-            "early_stopped": result.early_stopped, "best_epoch": result.best_epoch,
-            "best_eval_loss": result.best_eval, "learning_rate": result.base_lr,
-            "first_train_loss": losses[0], "last_train_loss": losses[-1],
-            "examples": len(sup.train) + len(sup.held_out), "sampler_path": result.final_path,
-            "state_path": result.state_path, "adapter": str(adapter), "eval": report}
+    out = conclude(ctx, result, sup, sup.held_out or sup.train[: max(spec.eval_samples, 1)],
+                   bool(sup.held_out))
+    ctx.run.log(f"{tag}done: {result.steps} steps, train loss {out['first_train_loss']:.4f} -> "
+                f"{out['last_train_loss']:.4f}, {out['eval']['split']} loss "
+                f"{out['eval']['loss']:.4f}")
+    return {**out, "best_eval_loss": result.best_eval,
+            "examples": len(sup.train) + len(sup.held_out)}
 
 
 def run(ctx: JobContext) -> dict:
@@ -180,18 +172,11 @@ def run_distill(ctx: JobContext) -> dict:
     n_train = len(prompts) * spec.teacher.samples_per_prompt
     result = train_loop(ctx, n_train, sup.step, sup.evaluate if held_out else None,
                         setup=sup.setup)
-    adapter = finish_adapter(ctx, result)
-    sampler = ctx.service.create_sampling_client(model_path=result.final_path).result()
-    report = sup.report(sampler, sup.held_out or sup.train[: max(spec.eval_samples, 1)])
-    report["split"] = "held-out" if sup.held_out else "train"
-    # how well the base model (the student before training) matches the teacher, for contrast
-    base = ctx.service.create_sampling_client(base_model=spec.base_model).result()
-    report["base_model_loss"] = sup.report(
-        base, sup.held_out or sup.train[: max(spec.eval_samples, 1)])["loss"]
-    ctx.run.write("eval_report.json", report)
-    losses = [r["loss"] for r in ctx.run.rows("metrics.jsonl") if "loss" in r]
-    return {"steps": result.steps, "epochs_trained": result.epochs_trained,
-            "early_stopped": result.early_stopped, "best_epoch": result.best_epoch,
-            "learning_rate": result.base_lr, "first_train_loss": losses[0],
-            "last_train_loss": losses[-1], "sampler_path": result.final_path,
-            "state_path": result.state_path, "adapter": str(adapter), "eval": report}
+    examples = sup.held_out or sup.train[: max(spec.eval_samples, 1)]
+
+    def base_model_loss(report: dict) -> None:
+        # how well the base model (the student before training) matches the teacher
+        base = ctx.service.create_sampling_client(base_model=spec.base_model).result()
+        report["base_model_loss"] = sup.report(base, examples)["loss"]
+
+    return conclude(ctx, result, sup, examples, bool(sup.held_out), more=base_model_loss)

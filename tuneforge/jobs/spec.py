@@ -59,6 +59,12 @@ class Common(_Spec):
     def _eval_source(self):
         if self.eval_split and self.eval_data is not None:
             raise ValueError("give eval_split or eval_data, not both")
+        held_out = bool(self.eval_split) or self.eval_data is not None
+        if getattr(self, "type", None) != "atomic" and not held_out:  # tasks may set their own
+            for option in ("patience", "eval_every"):
+                if getattr(self, option):
+                    raise ValueError(f"{option} needs held-out data: set eval_split or "
+                                     "eval_data")
         return self
 
 
