@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     """On a GPU: CPU memory for adapters offloaded from it before they go to disk."""
     long_poll_seconds: float = Field(20.0, gt=0, lt=45)
     """How long retrieve_future holds a request for a result; the SDK times out at 45 s."""
+    session_timeout_seconds: float = Field(600.0, ge=0)
+    """A session that sends no heartbeat for this long (its client died; the SDK heartbeats
+    every 10 s) is finished and its models and samplers freed; 0 = never."""
     result_ttl_seconds: float = Field(3600.0, gt=0)
     """How long a finished future's result is kept after it completes."""
     fwdbwd_max_chunk_len: int = Field(256, ge=1)

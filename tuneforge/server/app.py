@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 
 from fastapi import FastAPI, Request
@@ -28,7 +29,7 @@ from tuneforge.server.routes import (
 from tuneforge.server.routes.weights import delete_checkpoint
 from tuneforge.server.state import ServerState, parse_tinker_path
 from tuneforge.settings import Settings
-from tuneforge.storage.db import CheckpointRow, utcnow
+from tuneforge.storage.db import CheckpointRow, SessionRow, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +87,35 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 async def _maintenance(state: ServerState) -> None:
-    """Forget old future results and delete checkpoints whose TTL has passed."""
+    """Forget old future results, delete checkpoints whose TTL has passed, end sessions whose
+    client stopped sending heartbeats."""
+    timeout = state.settings.session_timeout_seconds
+    period = min(MAINTENANCE_SECONDS, timeout / 2) if timeout else MAINTENANCE_SECONDS
     while True:
-        await asyncio.sleep(MAINTENANCE_SECONDS)
+        await asyncio.sleep(period)
         try:
             state.futures.sweep()
             await asyncio.to_thread(_expire_checkpoints, state)
+            if timeout:
+                await asyncio.to_thread(_expire_sessions, state, timeout)
         except Exception:
             logger.exception("maintenance failed")
+
+
+def _expire_sessions(state: ServerState, timeout: float) -> None:
+    cutoff = utcnow() - dt.timedelta(seconds=timeout)
+    stale = state.db.select(select(SessionRow).where(SessionRow.finished_at.is_(None),
+                                                     SessionRow.last_heartbeat < cutoff))
+    for row in stale:
+        with state.db.session() as s:
+            live = s.get(SessionRow, row.id)
+            if live.finished_at is not None:
+                continue
+            live.finished_at = utcnow()
+            live.finish_reason = "expired"
+        logger.warning("session %s sent no heartbeat for %.0f s: finished, its models freed",
+                    row.id, timeout)
+        state.release_session(row.id, row.owner)
 
 
 def _expire_checkpoints(state: ServerState) -> None:
