@@ -80,7 +80,13 @@ def test_sixteen_concurrent_clients_match_their_solo_runs(busy_server, capsys):
     assert mean_requests > 2  # requests of different tenants really shared passes
     for i in range(CLIENTS):
         assert len(together[i]) == STEPS
-        np.testing.assert_allclose(together[i], alone[i], rtol=1e-5, atol=1e-4,
+        # One shared pass equals each request alone to 1e-5 (tests/unit/test_passes.py); ten
+        # Adam steps at lr 1e-2 let those rounding differences grow (up to 1.7e-5 relative
+        # seen at step 10), hence rtol 1e-4. A lost, repeated or reordered step would move a
+        # loss by far more: consecutive losses differ by over 1e-3 (checked here).
+        steps_apart = np.abs(np.diff(alone[i])) / np.abs(np.asarray(alone[i][1:]))
+        assert steps_apart.min() > 1e-3, f"client {i}: {steps_apart}"
+        np.testing.assert_allclose(together[i], alone[i], rtol=1e-4, atol=1e-4,
                                    err_msg=f"client {i}")
 
 
