@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from common import REPO, median, record, start_server, timed
+from step_overhead import engine_busy
 
 
 def main() -> None:
@@ -42,6 +43,7 @@ def main() -> None:
             "learning_rate": 5e-3, "batch_size": 3, "epochs": 4, "eval_split": 0.25,
             "eval_samples": 0}
     times: dict[str, list[float]] = {"concurrent": [], "sequential": []}
+    busy: dict[str, list[float]] = {"concurrent": [], "sequential": []}
     losses: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(Path(tmp) / "server", args.model, args.threads)
@@ -51,7 +53,9 @@ def main() -> None:
                     spec = parse_spec({**base, "max_concurrent": width})
                     out = Path(tmp) / f"{name}-{r}"
                     ctx = JobContext.connect(spec, RunDir(out), server.base_url, server.api_key)
+                    busy_before = engine_busy(server)
                     t = timed(lambda ctx=ctx: run_job(ctx))
+                    busy_share = (engine_busy(server) - busy_before) / t
                     ctx.close("success")
                     summary = json.loads((out / "summary.json").read_text())
                     assert summary["completed"] == len(tasks), summary
@@ -59,6 +63,7 @@ def main() -> None:
                         tasks)
                     if r:
                         times[name].append(t)
+                        busy[name].append(busy_share)
                     shutil.rmtree(out)
         finally:
             server.stop()
@@ -67,7 +72,7 @@ def main() -> None:
           f"rank 8), {args.threads} server thread(s)")
     for name in times:
         print(f"  {name:10s} {median(times[name]):7.2f} s   mean last train loss "
-              f"{losses[name]:.3f}")
+              f"{losses[name]:.3f}   engine busy {100 * median(busy[name]):.0f}% of the time")
     print(f"sequential / concurrent = {seq / conc:.2f}   (wall-time speed-up of training the "
           "tasks at once)")
     if args.record:
