@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
 
-from common import REPO, median, record, start_server, timed
-from step_overhead import engine_busy
+from common import REPO, engine_busy, median, record, start_server, timed
 
 
 def main() -> None:
@@ -31,19 +31,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
-    from tuneforge.jobs.data import read_rows
+    from tuneforge.jobs.data import plain_rows, read_rows
     from tuneforge.jobs.runner import JobContext, RunDir, run_job
     from tuneforge.jobs.spec import parse_spec
 
     files = sorted((REPO / "examples" / "tasks").glob("*.jsonl"))
-    tasks = [{"name": f"{f.stem}-{c}",
-              "data": [{k: v for k, v in r.items() if k != "_where"} for r in read_rows(str(f))]}
+    tasks = [{"name": f"{f.stem}-{c}", "data": plain_rows(read_rows(str(f)))}
              for c in range(args.copies) for f in files]
     base = {"type": "atomic", "base_model": args.model, "tasks": tasks, "lora_rank": 8,
             "learning_rate": 5e-3, "batch_size": 3, "epochs": 4, "eval_split": 0.25,
             "eval_samples": 0}
     times: dict[str, list[float]] = {"concurrent": [], "sequential": []}
-    busy: dict[str, list[float]] = {"concurrent": [], "sequential": []}
+    busy: dict[str, list[float]] = {"concurrent": [], "sequential": []}  # engine seconds
     losses: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(Path(tmp) / "server", args.model, args.threads)
@@ -55,15 +54,18 @@ def main() -> None:
                     ctx = JobContext.connect(spec, RunDir(out), server.base_url, server.api_key)
                     busy_before = engine_busy(server)
                     t = timed(lambda ctx=ctx: run_job(ctx))
-                    busy_share = (engine_busy(server) - busy_before) / t
+                    busy_seconds = engine_busy(server) - busy_before
                     ctx.close("success")
                     summary = json.loads((out / "summary.json").read_text())
                     assert summary["completed"] == len(tasks), summary
                     losses[name] = sum(x["last_train_loss"] for x in summary["results"]) / len(
                         tasks)
+                    if name == "sequential":  # the same training, whatever the concurrency
+                        assert math.isclose(losses["concurrent"], losses["sequential"],
+                                            rel_tol=1e-3), losses
                     if r:
                         times[name].append(t)
-                        busy[name].append(busy_share)
+                        busy[name].append(busy_seconds)
                     shutil.rmtree(out)
         finally:
             server.stop()
@@ -72,7 +74,8 @@ def main() -> None:
           f"rank 8), {args.threads} server thread(s)")
     for name in times:
         print(f"  {name:10s} {median(times[name]):7.2f} s   mean last train loss "
-              f"{losses[name]:.3f}   engine busy {100 * median(busy[name]):.0f}% of the time")
+              f"{losses[name]:.3f}   engine busy {median(busy[name]):.1f} s "
+              f"({100 * median(busy[name]) / median(times[name]):.0f}%)")
     print(f"sequential / concurrent = {seq / conc:.2f}   (wall-time speed-up of training the "
           "tasks at once)")
     if args.record:

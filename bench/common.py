@@ -27,6 +27,19 @@ def start_server(tmp: Path, model: str, threads: int, **env: str) -> ServerProce
     return server.start()
 
 
+def engine_busy(server: ServerProcess) -> float:
+    """Seconds the server's engine has spent on work so far."""
+    return server.metrics()["tuneforge_engine_busy_seconds_total"]
+
+
+def run_all(fns) -> list:
+    """Run the callables at once, each in its own thread; their results, or the first error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(fns)) as pool:
+        return [f.result() for f in [pool.submit(fn) for fn in fns]]
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()

@@ -18,18 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 from common import median, record, start_server
-
-
-def scrape(server) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(f"{server.base_url}/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def main() -> None:
@@ -63,7 +53,7 @@ def main() -> None:
             for tc in clients:  # wait for the last step of each
                 tc.forward(datum, "cross_entropy").result()
             setup = time.perf_counter() - started
-            m = scrape(server)
+            m = server.metrics()
             where = {w: int(m.get(f'tuneforge_training_models{{where="{w}"}}', 0))
                      for w in ("device", "cpu", "disk")}
             offloaded = sum(f.stat().st_size for f in (Path(tmp) / "offload").glob("*.pt"))

@@ -10,30 +10,20 @@ Prints aggregate training tokens/s and the ratios concurrent/sequential (goal >=
 concurrent/single (goal >= 0.85): medians over the repeats, after a warm-up phase of each.
 
     python bench/multi_tenant.py [--model tuneforge/tiny-qwen3-l] [--clients 8] [--seq 128]
-                                 [--rounds 6] [--threads 1] [--record]
+                                 [--rounds 3] [--threads 1] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
-from common import median, record, start_server, timed
+from common import engine_busy, median, record, run_all, start_server, timed
 
 RANKS = [8, 16, 4, 32, 8, 2, 64, 16]
 TARGETS = [dict(), dict(train_mlp=False), dict(train_attn=False), dict(train_unembed=False)]
-
-
-def pass_count(server) -> int:
-    import httpx
-
-    for line in httpx.get(f"{server.base_url}/metrics").text.splitlines():
-        if line.startswith("tuneforge_training_passes_total"):
-            return int(float(line.split()[1]))
-    raise RuntimeError("no tuneforge_training_passes_total in /metrics")
 
 
 def main() -> None:
@@ -81,13 +71,8 @@ def main() -> None:
                 opt.result()
 
             def concurrent():
-                threads = [threading.Thread(target=lambda tc=tc, d=d: [
-                    step(tc, d) for _ in range(args.steps)]) for tc, d in
-                    zip(clients, data, strict=True)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                run_all([lambda tc=tc, d=d: [step(tc, d) for _ in range(args.steps)]
+                         for tc, d in zip(clients, data, strict=True)])
 
             def sequential():
                 for tc, d in zip(clients, data, strict=True):
@@ -100,13 +85,15 @@ def main() -> None:
 
             loops = {"concurrent": concurrent, "sequential": sequential, "single": single}
             times = {name: [] for name in loops}
-            passes = []
+            passes, busy = [], []
             for r in range(args.rounds + 1):
                 for name, fn in loops.items():
-                    before = pass_count(server)
+                    before = server.metrics()["tuneforge_training_passes_total"]
+                    busy_before = engine_busy(server)
                     t = timed(fn)
-                    if name == "concurrent":
-                        passes.append(pass_count(server) - before)
+                    if name == "concurrent" and r:
+                        busy.append((engine_busy(server) - busy_before) / t)
+                        passes.append(server.metrics()["tuneforge_training_passes_total"] - before)
                     if r:  # the first phase of each warms up
                         times[name].append(t)
         finally:
@@ -121,7 +108,8 @@ def main() -> None:
               f"{tps[name]:8.0f} tokens/s")
     vs_seq, vs_single = tps["concurrent"] / tps["sequential"], tps["concurrent"] / tps["single"]
     print(f"  concurrent phases ran {args.clients * args.steps} forward_backward requests in "
-          f"{median(passes):.0f} shared passes (median)")
+          f"{median(passes):.0f} shared passes (median), the engine busy "
+          f"{100 * median(busy):.0f}% of the time")
     print(f"concurrent / sequential = {vs_seq:.2f}   (goal >= 1.5)")
     print(f"concurrent / single     = {vs_single:.2f}   (goal >= 0.85)")
     if args.record:

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import MODELS_DIR, median, record, start_server, timed
+from common import MODELS_DIR, median, record, run_all, start_server, timed
 
 
 def main() -> None:
@@ -63,11 +62,7 @@ def main() -> None:
                 assert len(out.sequences[0].tokens) == args.tokens
 
             def concurrent():
-                threads = [threading.Thread(target=draw, args=(s,)) for s in samplers]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                run_all([lambda s=s: draw(s) for s in samplers])
 
             def one_by_one():
                 for s in samplers:

@@ -69,6 +69,15 @@ class ServerProcess:
         except httpx.HTTPError:
             return False
 
+    def metrics(self) -> dict[str, float]:
+        """GET /metrics as {name (with its labels): value}."""
+        out = {}
+        for line in httpx.get(f"{self.base_url}/metrics", timeout=30).text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
 

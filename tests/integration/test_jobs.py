@@ -123,7 +123,7 @@ def test_dpo_example_prefers_the_chosen_answers(jobs_server):
 def test_distill_example_student_matches_the_teacher_without_the_skill(jobs_server):
     job = wait(jobs_server, submit(jobs_server, example("distill.yaml")))
     result, out = job["result"], folder(job)
-    teacher = [json.loads(x) for x in (out / "teacher_data.jsonl").read_text().splitlines()]
+    teacher = rows(out / "teacher_data.jsonl")
     assert all(m["role"] != "system" for r in teacher for m in r["messages"])  # student: bare
     print(f"\ndistill example: student loss on held-out teacher answers "
           f"{result['eval']['loss']:.3f} (before training {result['eval']['base_model_loss']:.3f})")
@@ -190,10 +190,9 @@ def test_atomic_batch_isolates_a_broken_task_and_stops_a_plateau(jobs_server, tm
                                       json={"task": "double", "baseline": "base"}).json()
     assert evaluated["report"]["examples"] == 2
     # finished jobs and evaluations end their SDK sessions: no training model stays loaded
-    text = httpx.get(f"{jobs_server.base_url}/metrics").text
-    loaded = [float(line.split()[-1]) for line in text.splitlines()
-              if line.startswith("tuneforge_training_models{")]
-    assert loaded and sum(loaded) == 0, text
+    loaded = [v for k, v in jobs_server.metrics().items()
+              if k.startswith("tuneforge_training_models{")]
+    assert loaded and sum(loaded) == 0, loaded
 
 
 def test_bad_configs_cancel_and_isolation(jobs_server):
@@ -250,8 +249,7 @@ def test_restart_mid_job_resumes_from_the_last_checkpoint(tmp_path, models_dir):
         assert "resumed from step" in log
         resumed_at = int(log.split("resumed from step ")[1].split()[0])
         assert resumed_at >= 6 and resumed_at % 3 == 0
-        steps = [m["step"] for m in json.loads("[" + ",".join(
-            (out / "metrics.jsonl").read_text().splitlines()) + "]") if "loss" in m]
+        steps = [m["step"] for m in rows(out / "metrics.jsonl") if "loss" in m]
         # every step ran; the ones after the checkpoint possibly twice, none before it again
         assert sorted(set(steps)) == list(range(1, job["result"]["steps"] + 1))
         assert job["result"]["steps"] == 48  # 16 rows / batch 4 x 12 epochs

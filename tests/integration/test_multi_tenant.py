@@ -65,9 +65,7 @@ def test_sixteen_concurrent_clients_match_their_solo_runs(busy_server, capsys):
     for t in threads:
         t.join(600)
     assert sorted(together) == list(range(CLIENTS))
-    text = httpx.get(f"{busy_server.base_url}/metrics").text
-    batched = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-               if line.startswith("tuneforge_batch_requests")}
+    batched = busy_server.metrics()
     passes = batched["tuneforge_batch_requests_count"]
     mean_requests = batched["tuneforge_batch_requests_sum"] / passes
 
@@ -80,7 +78,7 @@ def test_sixteen_concurrent_clients_match_their_solo_runs(busy_server, capsys):
     assert mean_requests > 2  # requests of different tenants really shared passes
     for i in range(CLIENTS):
         assert len(together[i]) == STEPS
-        # One shared pass equals each request alone to 1e-5 (tests/unit/test_passes.py); ten
+        # One shared pass equals each request alone to 1e-5 (tests/unit/test_batching.py); ten
         # Adam steps at lr 1e-2 let those rounding differences grow (up to 1.7e-5 relative
         # seen at step 10), hence rtol 1e-4. A lost, repeated or reordered step would move a
         # loss by far more: consecutive losses differ by over 1e-3 (checked here).

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import tinker
 from tinker import types
 
@@ -31,9 +30,7 @@ os._exit(0)  # no close, no more heartbeats
 
 
 def loaded_models(server: ServerProcess) -> float:
-    text = httpx.get(f"{server.base_url}/metrics").text
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("tuneforge_training_models{"))
+    return sum(v for k, v in server.metrics().items() if k.startswith("tuneforge_training_models{"))
 
 
 def test_dead_clients_sessions_expire_live_ones_stay(tmp_path, models_dir):

@@ -61,7 +61,7 @@ def test_requests_decoded_together_equal_each_alone(registry):
         assert [s.stop_reason for s in got.sequences] == [s.stop_reason for s in want.sequences]
         for g, w in zip(got.sequences, want.sequences, strict=True):
             np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-4)
-            assert len(g.topk_ids) == len(w.topk_ids)
+            assert g.topk_ids == w.topk_ids
         if want.prompt_logprobs is not None:
             np.testing.assert_allclose(got.prompt_logprobs, want.prompt_logprobs, atol=1e-5)
 

@@ -4,6 +4,7 @@ finished session is released."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from tuneforge.engine.engine import Engine
@@ -89,14 +90,13 @@ def test_drop_session_forgets_only_that_session(registry, tmp_path):
     assert engine.models["a:train:0"].where == "disk"
     engine.drop_session("a")
     assert list(engine.models) == ["b:train:0"]
+    assert "b:sample:0" in engine.samplers or engine.spilled_sampler("b:sample:0") is not None
     assert engine.spilled_sampler("a:sample:0") is None
     assert not (tmp_path / "a:train:0.pt").exists()
     assert ("model", "a:train:0") not in engine.budget.sizes
 
 
 def test_base_models_share_a_memory_budget(models_dir):
-    import pytest
-
     from tuneforge.engine.models import ModelRegistry
     from tuneforge.errors import LimitExceeded
 

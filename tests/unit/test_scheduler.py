@@ -31,7 +31,7 @@ class RecordingEngine:
         self.gate.wait(10)
         self.calls.append([m for m, _ in requests])
         return [UserError("bad") if m == "bad" else
-                ForwardBackwardResult(outputs=[], metrics={"loss:sum": float(len(m))})
+                ForwardBackwardResult(outputs=[], metrics={"loss:sum": float(ord(m[0]))})
                 for m, _ in requests]
 
 
@@ -114,7 +114,9 @@ def test_forward_backwards_of_different_models_share_a_pass_in_order():
     # optimizer step, which runs alone next; 'bad' then joins a3 (8 tokens) but c2 (6) does
     # not fit and runs last; 'bad' fails alone
     assert engine.calls == [["c"], ["a", "b"], ["a", "bad"], ["c"]]
-    assert futs[0].result == b"1.0" and futs[3].result == b"1.0"
+    # each future got its own model's result (a: 97, b: 98, c: 99)
+    assert [f.result for f in (first, futs[0], futs[2], futs[3], futs[5])] == [
+        b"99.0", b"97.0", b"97.0", b"98.0", b"99.0"]
     assert futs[4].state == "failed" and futs[4].error == "bad"
     assert futs[2].state == "done" and done == ["a2"]
 

@@ -236,18 +236,20 @@ class Engine:
             base = self.registry.get(name)
             try:
                 results = passes.run(base, [job for _, job in items], self.precision)
-            except Exception:
-                if len(items) == 1:
-                    raise
-                logger.exception("shared pass of %d requests failed; running them alone",
-                                 len(items))
-                results = []
-                for _, job in items:
-                    job.reset()
-                    try:
-                        results.append(passes.run(base, [job], self.precision)[0])
-                    except Exception as e:  # reported to that request alone
-                        results.append(e)
+            except Exception as e:
+                if len(items) == 1:  # fails that request alone: other groups' results stand
+                    logger.exception("pass of one request failed")
+                    results = [e]
+                else:
+                    logger.exception("shared pass of %d requests failed; running them alone",
+                                     len(items))
+                    results = []
+                    for _, job in items:
+                        job.reset()
+                        try:
+                            results.append(passes.run(base, [job], self.precision)[0])
+                        except Exception as alone:  # reported to that request alone
+                            results.append(alone)
             for (i, _), result in zip(items, results, strict=True):
                 outcomes[i] = result
         self._account([self.models[model_id] for _, (model_id, _) in group

@@ -98,7 +98,7 @@ def run(ctx: JobContext) -> dict:
                         traceback=traceback.format_exc())
             ctx.run.log(f"[{name}] failed: {type(e).__name__}: {e}")
         finally:
-            if child is not None and child is not ctx and child.base_url is not None:
+            if child is not None:
                 child.close("success" if meta["status"] == "completed" else "errored")
         meta["wall_seconds"] = round(time.monotonic() - t0, 2)
         folder.write("metadata.json", meta)

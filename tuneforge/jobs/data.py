@@ -170,7 +170,8 @@ def load_tasks(source) -> list[dict]:
     return tasks
 
 
-def _plain(rows: list[dict]) -> list[dict]:
+def plain_rows(rows: list[dict]) -> list[dict]:
+    """Rows as given (without the file:line each carries after `read_rows`)."""
     return [{k: v for k, v in r.items() if k != "_where"} for r in rows]
 
 
@@ -181,9 +182,9 @@ def inline_files(spec):
     update = {}
     for field in ("data", "eval_data"):
         if isinstance(getattr(spec, field, None), str):
-            update[field] = _plain(read_rows(getattr(spec, field), field))
+            update[field] = plain_rows(read_rows(getattr(spec, field), field))
     if spec.type == "atomic":
-        update["tasks"] = [{**t, "data": _plain(read_rows(t["data"], f"task {t['name']}"))
+        update["tasks"] = [{**t, "data": plain_rows(read_rows(t["data"], f"task {t['name']}"))
                             if isinstance(t["data"], str) else t["data"]}
                            for t in load_tasks(spec.tasks)]
     if spec.type == "distill" and spec.teacher.skill_file:

@@ -12,8 +12,7 @@ from tuneforge.jobs.runner import (
     JobContext,
     adam,
     conclude,
-    own_tokenizer,
-    pick_renderer,
+    renderer_for,
     train_loop,
 )
 from tuneforge.jobs.sft import load_split
@@ -40,7 +39,7 @@ class Preference:
 
     def setup(self, tc) -> None:
         spec = self.ctx.spec
-        name, self.renderer = pick_renderer(spec.renderer, spec.base_model, own_tokenizer(tc))
+        name, self.renderer = renderer_for(spec, tc)
         self.pairs = [self._pair(ex) for ex in self.train]
         self.eval_pairs = [self._pair(ex) for ex in self.held_out]
         reference = self.ctx.service.create_sampling_client(base_model=spec.base_model).result()

@@ -29,8 +29,7 @@ from tuneforge.jobs.runner import (
     JobContext,
     adam,
     conclude,
-    own_tokenizer,
-    pick_renderer,
+    renderer_for,
     train_loop,
 )
 from tuneforge.jobs.sft import load_split
@@ -94,7 +93,7 @@ class Reinforce:
 
     def setup(self, tc) -> None:
         spec = self.ctx.spec
-        name, self.renderer = pick_renderer(spec.renderer, spec.base_model, own_tokenizer(tc))
+        name, self.renderer = renderer_for(spec, tc)
         self.prompts = [self.renderer.build_generation_prompt(ex["prompt"]).to_ints()
                         for ex in self.train]
         self.ctx.run.log(f"renderer {name}; {len(self.train)} training and "

@@ -161,13 +161,10 @@ class JobContext:
             self.on_progress(self.progress.snapshot())
 
     def child(self, spec, path: Path, progress: Progress) -> JobContext:
-        """A context for one part of this job (an atomic task), with its own SDK session when
-        this one was made by `connect`, so the part's models are freed when it closes."""
-        if self.base_url is not None:
-            return JobContext.connect(spec, RunDir(path), self.base_url, self.api_key,
-                                      cancel=self.cancel, progress=progress)
-        return JobContext(spec=spec, run=RunDir(path), service=self.service, rest=self.rest,
-                          cancel=self.cancel, progress=progress)
+        """A context for one part of this job (an atomic task) with its own SDK session, so
+        the part's models are freed when it closes (this context must come from `connect`)."""
+        return JobContext.connect(spec, RunDir(path), self.base_url, self.api_key,
+                                  cancel=self.cancel, progress=progress)
 
 
 # ---- model facts ---------------------------------------------------------------------------------
@@ -197,12 +194,14 @@ def default_learning_rate(base_model: str, info: types.GetInfoResponse | None) -
     return 5e-4 * (2000 / int(hidden)) ** exponent
 
 
-def own_tokenizer(tc):
-    """A tokenizer object of this caller's own: fast tokenizers must not be shared between
-    threads (concurrent use fails with "Already borrowed"), and the SDK caches one per model."""
+def renderer_for(spec, tc):
+    """(name, renderer) of a job: its `renderer` option, else chosen from the base model, over
+    a tokenizer object of the caller's own (fast tokenizers must not be shared between threads
+    — concurrent use fails with "Already borrowed" — and the SDK caches one per model)."""
     import copy
 
-    return copy.deepcopy(tc.get_tokenizer())
+    return pick_renderer(getattr(spec, "renderer", None), spec.base_model,
+                         copy.deepcopy(tc.get_tokenizer()))
 
 
 def pick_renderer(name: str | None, base_model: str, tokenizer):
@@ -265,7 +264,6 @@ class LoopResult:
     early_stopped: bool
     best_epoch: int | None
     best_eval: float | None
-    history: list[dict]
     base_lr: float
     best_state: str | None = None  # set when the kept adapter is not the last one
 
@@ -378,7 +376,7 @@ def train_loop(ctx: JobContext, n_train: int, step_fn, eval_fn=None, *, maximize
                       epochs_trained=epochs_trained, early_stopped=loop["stopped"],
                       best_epoch=loop["best_epoch"], best_eval=loop["best"],
                       best_state=loop["best_state"] if loop["best_step"] != step else None,
-                      history=loop["history"], base_lr=loop["base_lr"])
+                      base_lr=loop["base_lr"])
 
 
 def finish_adapter(ctx: JobContext, result: LoopResult) -> Path:

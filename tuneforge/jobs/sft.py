@@ -17,8 +17,7 @@ from tuneforge.jobs.runner import (
     JobContext,
     adam,
     conclude,
-    own_tokenizer,
-    pick_renderer,
+    renderer_for,
     train_loop,
 )
 
@@ -50,11 +49,13 @@ class Supervised:
         self.eval_datums: list[types.Datum] = []
 
     def setup(self, tc) -> None:
+        self.prepare(*renderer_for(self.ctx.spec, tc))
+
+    def prepare(self, name: str, renderer) -> None:
         from tinker_cookbook.supervised.data import conversation_to_datum
 
         spec = self.ctx.spec
-        name, self.renderer = pick_renderer(getattr(spec, "renderer", None), spec.base_model,
-                                            own_tokenizer(tc))
+        self.renderer = renderer
         self.ctx.run.log(f"renderer {name}; {len(self.train)} training and "
                          f"{len(self.held_out)} held-out examples")
         self.datums = [conversation_to_datum(ex["messages"], self.renderer, spec.max_length,
@@ -122,23 +123,22 @@ class Distilled(Supervised):
         self.prompts, self.held_prompts = prompts, held_out
 
     def setup(self, tc) -> None:
-        run = self.ctx.run
-        cache = run.path / "teacher_data.jsonl"
+        name, renderer = renderer_for(self.ctx.spec, tc)
+        cache = self.ctx.run.path / "teacher_data.jsonl"
         if cache.exists():
             rows = [json.loads(line) for line in cache.read_text().splitlines()]
         else:
-            rows = self._teach(tc)
+            rows = self._teach(renderer)
             tmp = cache.with_name(".teacher_data.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             tmp.replace(cache)
         self.train = [{"messages": r["messages"], "meta": {}} for r in rows if not r["held_out"]]
         self.held_out = [{"messages": r["messages"], "meta": {}} for r in rows if r["held_out"]]
-        super().setup(tc)
+        self.prepare(name, renderer)
 
-    def _teach(self, tc) -> list[dict]:
+    def _teach(self, renderer) -> list[dict]:
         spec = self.ctx.spec
         teacher = spec.teacher
-        _, renderer = pick_renderer(spec.renderer, spec.base_model, own_tokenizer(tc))
         if teacher.model.startswith("tinker://"):
             sampler = self.ctx.service.create_sampling_client(model_path=teacher.model).result()
         else:

@@ -107,15 +107,9 @@ def _expire_sessions(state: ServerState, timeout: float) -> None:
     stale = state.db.select(select(SessionRow).where(SessionRow.finished_at.is_(None),
                                                      SessionRow.last_heartbeat < cutoff))
     for row in stale:
-        with state.db.session() as s:
-            live = s.get(SessionRow, row.id)
-            if live.finished_at is not None:
-                continue
-            live.finished_at = utcnow()
-            live.finish_reason = "expired"
         logger.warning("session %s sent no heartbeat for %.0f s: finished, its models freed",
-                    row.id, timeout)
-        state.release_session(row.id, row.owner)
+                       row.id, timeout)
+        state.finish_session(row.id, row.owner, "expired")
 
 
 def _expire_checkpoints(state: ServerState) -> None:

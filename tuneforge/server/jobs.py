@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from sqlalchemy import select, true
+from sqlalchemy import select
 
 from tuneforge.errors import NotFound, UserError
 from tuneforge.storage.db import JobRow, utcnow
@@ -126,13 +126,6 @@ class JobManager:
         if row is None or (row.owner != owner and not self.state.keys.is_admin(owner)):
             raise NotFound(f"no job {job_id!r}")
         return row
-
-    def list(self, owner: str, limit: int = 100, offset: int = 0) -> list[JobRow]:
-        if limit < 1 or limit > 1000 or offset < 0:
-            raise UserError("limit must be in [1, 1000] and offset >= 0")
-        where = true() if self.state.keys.is_admin(owner) else JobRow.owner == owner
-        return self.db.select(select(JobRow).where(where).order_by(JobRow.created_at.desc())
-                              .limit(limit).offset(offset))
 
     def cancel(self, owner: str, job_id: str) -> JobRow:
         row = self.get(owner, job_id)
@@ -260,20 +253,3 @@ class JobManager:
             row.progress = {**(row.progress or {}), "progress": 1.0, "eta_seconds": 0.0}
         self.state.keys.drop_job_keys(row.id)
 
-
-def job_json(row: JobRow) -> dict:
-    progress = row.progress or {}
-    return {
-        "id": row.id, "name": row.name, "type": row.type, "status": row.status,
-        "progress": progress.get("progress", 0.0), "step": progress.get("step"),
-        "total_steps": progress.get("total_steps"), "epoch": progress.get("epoch"),
-        "latest_loss": progress.get("loss"), "eta_seconds": progress.get("eta_seconds"),
-        **({"tasks": progress["tasks"], "tasks_done": progress.get("tasks_done")}
-           if "tasks" in progress else {}),
-        "base_model": row.spec.get("base_model"), "owner": row.owner,
-        "created_at": row.created_at.isoformat(),
-        "started_at": row.started_at.isoformat() if row.started_at else None,
-        "finished_at": row.finished_at.isoformat() if row.finished_at else None,
-        "restarts": row.restarts, "error": row.error, "result": row.result,
-        "folder": row.folder,
-    }

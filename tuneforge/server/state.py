@@ -97,14 +97,24 @@ class ServerState:
                 self._dedupe.popitem(last=False)
             return fut, True
 
-    def release_session(self, session_id: str, owner: str) -> None:
-        """Free the memory of a finished session's models and samplers (on the engine thread).
+    def finish_session(self, session_id: str, owner: str, reason: str) -> None:
+        """Mark a session finished (once; the first reason stays) and free its models and
+        samplers. Checkpoints stay: `create_training_client_from_state` brings a run back."""
+        with self.db.session() as s:
+            row = s.get(SessionRow, session_id)
+            if row is None or row.finished_at is not None:
+                return
+            row.finished_at = utcnow()
+            row.finish_reason = str(reason)[:32]
+        self.release_session(session_id, owner)
 
-        Checkpoints stay: `create_training_client_from_state` brings a run back."""
+    def release_session(self, session_id: str, owner: str) -> None:
+        """Free the memory of a finished session's models and samplers (on the engine thread)."""
         prefix = f"{session_id}:"
         for model_id in [m for m in self.model_owners if m.startswith(prefix)]:
             del self.model_owners[model_id]
             self.model_lanes.pop(model_id, None)
+            self._last_noted.pop(model_id, None)
             self.scheduler.close_model(model_id)
 
         def job() -> dict:

@@ -21,7 +21,9 @@ from fastapi.responses import StreamingResponse
 from tuneforge.errors import UserError
 from tuneforge.jobs.runner import RunDir
 from tuneforge.server.deps import JsonBody, OptionalJsonBody, Owner, State
-from tuneforge.server.jobs import ACTIVE, job_json
+from tuneforge.server.jobs import ACTIVE
+from tuneforge.server.routes.runs import _page
+from tuneforge.storage.db import JobRow
 
 router = APIRouter(prefix="/api/jobs")
 
@@ -39,7 +41,8 @@ async def start_job(state: State, owner: Owner, body: JsonBody) -> dict:
 @router.get("")
 @router.get("/", include_in_schema=False)
 def list_jobs(state: State, owner: Owner, limit: int = 100, offset: int = 0) -> dict:
-    return {"jobs": [job_json(r) for r in state.jobs.list(owner, limit, offset)]}
+    rows, cursor = _page(state, JobRow, owner, limit, offset)
+    return {"jobs": [job_json(r) for r in rows], "cursor": cursor}
 
 
 @router.get("/{job_id}")
@@ -68,7 +71,7 @@ def job_logs(state: State, owner: Owner, job_id: str, follow: bool = False,
                 yield chunk
             if not follow:
                 return
-            live = await asyncio.to_thread(state.db.get, type(row), job_id)
+            live = await asyncio.to_thread(state.db.get, JobRow, job_id)
             if live is None or live.status not in ACTIVE:
                 if path.exists() and path.stat().st_size > position:
                     continue  # the last lines, written as the job ended
@@ -139,3 +142,22 @@ async def evaluate_job(state: State, owner: Owner, job_id: str, request: Request
         return report
 
     return {"id": job_id, **await asyncio.to_thread(work)}
+
+
+def job_json(row: JobRow) -> dict:
+    """A job as the API shows it."""
+    progress = row.progress or {}
+    return {
+        "id": row.id, "name": row.name, "type": row.type, "status": row.status,
+        "progress": progress.get("progress", 0.0), "step": progress.get("step"),
+        "total_steps": progress.get("total_steps"), "epoch": progress.get("epoch"),
+        "latest_loss": progress.get("loss"), "eta_seconds": progress.get("eta_seconds"),
+        **({"tasks": progress["tasks"], "tasks_done": progress.get("tasks_done")}
+           if "tasks" in progress else {}),
+        "base_model": row.spec.get("base_model"), "owner": row.owner,
+        "created_at": row.created_at.isoformat(),
+        "started_at": row.started_at.isoformat() if row.started_at else None,
+        "finished_at": row.finished_at.isoformat() if row.finished_at else None,
+        "restarts": row.restarts, "error": row.error, "result": row.result,
+        "folder": row.folder,
+    }

@@ -43,13 +43,7 @@ def finish(session_id: str, state: State, owner: Owner, body: OptionalJsonBody =
     state.session(session_id, owner, active=False)
     reason = (body or {}).get("reason")
     reason = reason.get("type", "success") if isinstance(reason, dict) else "success"
-    with state.db.session() as s:
-        row = s.get(SessionRow, session_id)
-        if row.finished_at is not None:
-            return {}
-        row.finished_at = utcnow()
-        row.finish_reason = str(reason)[:32]
-    state.release_session(session_id, owner)
+    state.finish_session(session_id, owner, reason)
     return {}
 
 
