@@ -31,8 +31,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
+    from tuneforge.jobs.context import JobContext
     from tuneforge.jobs.data import plain_rows, read_rows
-    from tuneforge.jobs.runner import JobContext, RunDir, run_job
+    from tuneforge.jobs.rundir import RunDir
+    from tuneforge.jobs.runner import run_job
     from tuneforge.jobs.spec import parse_spec
 
     files = sorted((REPO / "examples" / "tasks").glob("*.jsonl"))

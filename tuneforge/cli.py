@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
@@ -106,12 +108,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve(args)
     if args.command in ("train", "jobs"):
-        return jobs_cli.main(args)
+        return jobs_cli.main(args, _embedded_server)
     try:
         return _admin(args)
     except TuneforgeError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _embedded_server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    """`tuneforge train` without --url: a server in this process, on the data directory."""
+    from tuneforge.server.embedded import embedded_server
+
+    overrides = {"data_dir": args.data_dir, "num_threads": args.threads, "preload_models": []}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    with embedded_server(settings) as (base_url, key):
+        yield base_url, key
 
 
 def _admin(args: argparse.Namespace) -> int:
@@ -163,7 +176,13 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings, state)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=args.log_level, access_log=False)
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            state.run_metrics.end_streams()  # an open metrics stream would hold the shutdown
+            await super().shutdown(sockets)
+
+    server = Server(config)
 
     base_url = f"http://{settings.host}:{settings.port}"
     print(f"tuneforge serving at {base_url}", flush=True)

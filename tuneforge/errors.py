@@ -21,10 +21,16 @@ class TuneforgeError(Exception):
 
 
 class UserError(TuneforgeError, ValueError):
-    """The request is wrong; the message names the field and what was expected."""
+    """The request is wrong; the message names the field and what was expected. `fields`, when
+    given, lists each problem as {"field": dotted option path, "message"} (the HTTP error body
+    carries it as `errors`)."""
 
     status = 400
     category = "user"
+
+    def __init__(self, message: str, fields: list[dict[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.fields = fields
 
 
 class LimitExceeded(UserError):

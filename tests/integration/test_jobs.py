@@ -101,6 +101,9 @@ def test_sft_example_learns_and_evaluates_against_the_base_model(jobs_server):
     metrics = api(jobs_server).get(f"/{job_id}/metrics").json()
     assert len([m for m in metrics["metrics"] if "loss" in m]) == result["steps"]
     assert metrics["history"] == history and metrics["checkpoints"]
+    # the training runs it made carry its id: the one it trained, and the best one it exported
+    assert metrics["runs"] and all(":train:" in r for r in metrics["runs"])
+    assert result["state_path"].split("/")[2] in metrics["runs"]
     evaluated = api(jobs_server).post(f"/{job_id}/evaluate", json={"baseline": "base"}).json()
     table = {row["metric"]: row for row in evaluated["comparison"]}
     print(f"job vs base: loss {table['loss']['job']:.3f} vs "
@@ -186,6 +189,17 @@ def test_atomic_batch_isolates_a_broken_task_and_stops_a_plateau(jobs_server, tm
         assert (out / "tasks" / name / "adapter" / "adapter_model.safetensors").exists()
     metrics = api(jobs_server).get(f"/{job['id']}/metrics").json()
     assert set(metrics["tasks"]) == {"upper", "reverse", "plural", "double", "greet", "plateau"}
+    assert len(metrics["runs"]) >= 6  # one per trained task at least, each its own session
+    task = api(jobs_server).get(f"/{job['id']}/tasks/double/metrics").json()
+    history = json.loads((out / "tasks" / "double" / "training_history.json").read_text())
+    assert task["history"] == history and task["checkpoints"]
+    assert len([m for m in task["metrics"] if "loss" in m]) == by_name["double"]["steps"]
+    assert task["metadata"]["status"] == "completed"
+    assert api(jobs_server).get(f"/{job['id']}/tasks/broken/metrics").json()[
+        "metadata"]["status"] == "failed"
+    for name in ("nope", "%2E%2E", "..%2F..%2Fdouble", "double%2F..%2F..%2Fdouble"):
+        answer = api(jobs_server).get(f"/{job['id']}/tasks/{name}/metrics")
+        assert answer.status_code == 404, (name, answer.text)
     evaluated = api(jobs_server).post(f"/{job['id']}/evaluate",
                                       json={"task": "double", "baseline": "base"}).json()
     assert evaluated["report"]["examples"] == 2
@@ -296,3 +310,82 @@ def test_cli_train_and_jobs(jobs_server, tmp_path, models_dir):
     evaluated = subprocess.run([*tf, "jobs", "evaluate", job_id, "--baseline", "base"],
                                capture_output=True, text=True, env=env, check=True)
     assert "delta" in evaluated.stdout and "perplexity" in evaluated.stdout
+
+
+def test_schema_preview_and_errors_by_field(jobs_server):
+    http = api(jobs_server)
+    schema = http.get("/schema").json()  # not taken for a job id
+    assert set(schema["types"]) == {"sft", "dpo", "rl", "distill", "atomic"}
+    options = {o["name"]: o for o in schema["types"]["sft"]["options"]}
+    assert options["lora_rank"]["minimum"] == 1 and options["lora_rank"]["maximum"] == 128
+    assert options["data"]["type"] == "data" and options["train_on"]["type"] == "enum"
+    assert all(o["help"] for t in schema["types"].values() for o in t["options"])
+    # a bad config: today's text, and each problem by field
+    bad = {**example("sft.yaml"), "learning_rate": 7, "lora_rank": 0}
+    answer = http.post("", json=bad)
+    assert answer.status_code == 400
+    body = answer.json()
+    assert body["category"] == "user" and body["detail"].startswith("invalid job config: ")
+    assert {e["field"] for e in body["errors"]} == {"learning_rate", "lora_rank"}
+    teacher = {**example("distill.yaml")["teacher"], "temperature": 5}
+    body = http.post("", json=example("distill.yaml", teacher=teacher)).json()
+    assert body["errors"][0]["field"] == "teacher.temperature"
+    body = http.post("", json={**example("sft.yaml"), "data": "/etc/passwd"}).json()
+    assert body["errors"] == [{"field": "data", "message": body["detail"][len("data: "):]}]
+    # preview: the rows as the job trains on them
+    config = example("sft.yaml", max_length=12)
+    answer = http.post("/preview", json={"config": config, "limit": 3})
+    assert answer.status_code == 200, answer.text
+    out = answer.json()
+    assert out["total_examples"] == len(config["data"]) and len(out["examples"]) == 3
+    for ex in out["examples"]:
+        assert ex["max_length"] == 12 and ex["n_tokens"] == len(ex["tokens"]) <= 12
+        assert ex["n_trained"] == sum(t["weight"] > 0 for t in ex["tokens"])
+        assert {"id", "text", "weight"} == set(ex["tokens"][0])
+    assert any(ex["truncated"] for ex in out["examples"])
+    full = http.post("/preview", json={"config": example("sft.yaml"), "limit": 1}).json()
+    [row] = full["examples"]
+    trained = "".join(t["text"] for t in row["tokens"] if t["weight"] > 0)
+    assert trained.startswith(config["data"][0]["response"]) and not row["truncated"]
+    dpo = http.post("/preview", json={"config": example("dpo.yaml"), "limit": 1}).json()
+    assert [e["side"] for e in dpo["examples"]] == ["chosen", "rejected"]
+    for wrong, field in (({"config": {**config, "lora_rank": 0}}, "lora_rank"),
+                         ({"config": config, "limit": 0}, "limit"),
+                         ({"config": {**config, "data": "../x.jsonl"}}, "data"),
+                         ({"config": {**config, "base_model": "no/such-model"}}, "base_model"),
+                         ({}, "config")):
+        answer = http.post("/preview", json=wrong)
+        assert answer.status_code == 400 and answer.json()["errors"][0]["field"] == field, \
+            answer.text
+    assert http.post("/preview", json={"config": config, "limt": 2}).status_code == 400
+    # a submitted job's preview: the same rows
+    job_id = submit(jobs_server, example("sft.yaml", epochs=1))
+    mine = http.get(f"/{job_id}/preview", params={"limit": 1}).json()
+    assert mine == full
+    assert http.get("/job-000000000000/preview").status_code == 404
+    wait(jobs_server, job_id)
+
+
+def test_distill_from_a_skill_alone(jobs_server):
+    """No data: the teacher writes the requests from SKILL.md, answers them, the student learns
+    the answers (on the random tiny model the texts are noise; the mechanism is what counts)."""
+    spec = example("distill.yaml", epochs=1, eval_split=0.0, generate_prompts=6)
+    del spec["data"]
+    spec["teacher"] = {**spec["teacher"], "max_tokens": 12}
+    assert spec["teacher"]["system_prompt"].startswith("# Skill: describing animals")
+    job = wait(jobs_server, submit(jobs_server, spec))
+    out, result = folder(job), job["result"]
+    prompts = rows(out / "generated_prompts.jsonl")
+    texts = [p["prompt"] for p in prompts]
+    assert len(texts) == 6 == result["generated_prompts"]
+    assert all(t.strip() == t and t for t in texts) and len(set(texts)) == 6
+    teacher = rows(out / "teacher_data.jsonl")
+    assert [r["messages"][0] for r in teacher] == [{"role": "user", "content": t}
+                                                   for t in texts]
+    assert all(m["role"] != "system" for r in teacher for m in r["messages"])
+    log = (out / "log.txt").read_text()
+    assert "wrote 6 distinct requests" in log and "answered 6 prompts" in log
+    assert result["steps"] == 2  # 6 answers, batches of 4, one epoch
+    assert json.loads((out / "eval_report.json").read_text())["examples"] >= 1
+    preview = api(jobs_server).get(f"/{job['id']}/preview").json()
+    assert preview["total_examples"] == 6 and preview["examples"][0]["n_trained"] > 0

@@ -12,8 +12,10 @@ import pytest
 
 from tuneforge.errors import UserError
 from tuneforge.jobs import data, evaluate
+from tuneforge.jobs.loop import lr_at
+from tuneforge.jobs.model import default_learning_rate
 from tuneforge.jobs.rl import boxed_number, exact_match, load_grader
-from tuneforge.jobs.runner import default_learning_rate, lr_at, preflight
+from tuneforge.jobs.runner import preflight
 from tuneforge.jobs.spec import load_spec, parse_spec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -191,3 +193,144 @@ def test_inline_files_carries_every_file_in_the_config():
                for t in atomic.tasks)
     sft = load_spec(EXAMPLES / "sft.yaml")
     assert data.named_files(sft) == [("data", str(EXAMPLES / "data" / "capitals.jsonl"))]
+
+
+def test_bad_options_are_listed_by_field():
+    with pytest.raises(UserError) as err:
+        parse_spec({**SFT, "learning_rate": 5, "learnin_rate": 1})
+    fields = {f["field"]: f["message"] for f in err.value.fields}
+    assert fields["learning_rate"] == "Input should be less than or equal to 1"
+    assert fields["learnin_rate"] == "unknown option (not implemented or misspelt)"
+    with pytest.raises(UserError) as err:
+        parse_spec({"type": "distill", "base_model": "m", "data": [],
+                    "teacher": {"model": "m", "temperature": 9}})
+    assert err.value.fields == [{"field": "teacher.temperature",
+                                 "message": "Input should be less than or equal to 2"}]
+    with pytest.raises(UserError, match="patience needs held-out data") as err:
+        parse_spec({**SFT, "patience": 2})
+    assert [f["field"] for f in err.value.fields] == ["patience"]
+    with pytest.raises(UserError) as err:
+        parse_spec({**SFT, "type": "ppo"})
+    assert [f["field"] for f in err.value.fields] == ["type"]
+    with pytest.raises(UserError) as err:  # a file problem names its option too
+        preflight(parse_spec({**SFT, "eval_data": [{"prompt": "only"}]}))
+    assert err.value.fields[0]["field"] == "eval_data"
+    assert "eval_data[0]: a supervised row needs" in err.value.fields[0]["message"]
+
+
+def test_distillation_from_a_skill_alone():
+    skill_only = {"type": "distill", "base_model": "m",
+                  "teacher": {"model": "m", "system_prompt": "# Skill: greet"}}
+    assert parse_spec(skill_only).generate_prompts == 16
+    assert parse_spec({**skill_only, "generate_prompts": 3}).generate_prompts == 3
+    with pytest.raises(UserError, match="generate_prompts: Input should be less than or equal "
+                       "to 256"):
+        parse_spec({**skill_only, "generate_prompts": 257})
+    with pytest.raises(UserError, match="give data or generate_prompts, not both") as err:
+        parse_spec({**skill_only, "data": [{"prompt": "p"}], "generate_prompts": 4})
+    assert err.value.fields[0]["field"] == "generate_prompts"
+    with pytest.raises(UserError, match="data is required unless the teacher has") as err:
+        parse_spec({**skill_only, "teacher": {"model": "m"}})
+    assert err.value.fields[0]["field"] == "data"
+    assert parse_spec({**skill_only, "data": [{"prompt": "p"}]}).generate_prompts is None
+
+
+def test_the_schema_comes_from_the_spec_models():
+    from tuneforge.jobs.registry import TYPES
+    from tuneforge.jobs.schema import schema
+
+    types = schema()["types"]
+    assert set(types) == set(TYPES) == {"sft", "dpo", "rl", "distill", "atomic"}
+    for name, entry in types.items():
+        assert entry["description"]
+        names = [o["name"] for o in entry["options"]]
+        assert names == [n for n in TYPES[name].spec.model_fields if n != "type"]
+        for o in entry["options"]:
+            assert o["help"], f"{name}.{o['name']} has no help text"
+            assert o["group"] and o["type"] in ("string", "integer", "number", "boolean",
+                                                "enum", "data", "object")
+    sft = {o["name"]: o for o in types["sft"]["options"]}
+    assert sft["lora_rank"] | {"help": ""} == {
+        "name": "lora_rank", "type": "integer", "default": 32, "required": False, "help": "",
+        "enum": None, "minimum": 1, "maximum": 128, "group": "model"}
+    assert sft["data"]["type"] == "data" and sft["data"]["required"]
+    assert sft["eval_data"]["type"] == "data" and not sft["eval_data"]["required"]
+    assert sft["train_on"]["enum"] == ["last_assistant_message", "all_assistant_messages",
+                                       "all_messages"]
+    assert sft["learning_rate"]["minimum"] == 0 and sft["learning_rate"]["exclusive_minimum"]
+    assert {o["name"]: o["default"] for o in types["rl"]["options"]}["batch_size"] == 4
+    distill = {o["name"]: o for o in types["distill"]["options"]}
+    assert not distill["data"]["required"]
+    assert (distill["generate_prompts"]["minimum"], distill["generate_prompts"]["maximum"]) \
+        == (1, 256)
+    teacher = {o["name"]: o for o in distill["teacher"]["options"]}
+    assert distill["teacher"]["type"] == "object"
+    assert teacher["temperature"]["maximum"] == 2.0 and teacher["model"]["required"]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(models_dir):
+    import torch
+    from transformers import AutoTokenizer
+
+    from tuneforge.engine.models import ModelRegistry
+
+    folder = ModelRegistry(models_dir, torch.device("cpu")).resolve("tuneforge/tiny-qwen3")
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def test_preview_renders_rows_as_the_job_trains_on_them(tiny_tokenizer):
+    from tinker_cookbook.supervised.data import conversation_to_datum
+
+    from tuneforge.jobs.model import pick_renderer
+    from tuneforge.jobs.preview import preview
+    from tuneforge.jobs.supervised import train_on_what
+
+    rows = [{"prompt": "What is the capital of France?", "response": "Paris"},
+            {"prompt": "Name a colour.", "response": "Blue"}]
+    spec = parse_spec({**SFT, "data": rows})
+    out = preview(spec, tiny_tokenizer, limit=1)
+    assert out["total_examples"] == 2 and len(out["examples"]) == 1
+    [ex] = out["examples"]
+    ids = [t["id"] for t in ex["tokens"]]
+    # the datum the job trains on: the same tokens (shifted by one) and weights
+    _, renderer = pick_renderer(None, spec.base_model, tiny_tokenizer)
+    datum = conversation_to_datum(data.sft_example({**rows[0], "_where": "x"})["messages"],
+                                  renderer, spec.max_length, train_on_what(spec.train_on),
+                                  reduction="none")
+    assert ids[1:] == datum.loss_fn_inputs["target_tokens"].tolist()
+    assert [t["weight"] for t in ex["tokens"]][1:] == datum.loss_fn_inputs["weights"].tolist()
+    trained = "".join(t["text"] for t in ex["tokens"] if t["weight"] > 0)
+    assert trained.startswith("Paris") and ex["n_trained"] == sum(w > 0 for w in
+                                                                  datum.loss_fn_inputs[
+                                                                      "weights"].tolist())
+    assert "".join(t["text"] for t in ex["tokens"]) == tiny_tokenizer.decode(ids)
+    assert not ex["truncated"] and ex["n_tokens"] == len(ids) and ex["max_length"] == 1024
+    cut = preview(parse_spec({**SFT, "data": rows, "max_length": 8}), tiny_tokenizer)
+    first = cut["examples"][0]
+    assert first["truncated"] and first["n_tokens"] == 8 and first["max_length"] == 8
+    assert first["cut_tokens"] == len(ids) - 8 and [t["id"] for t in first["tokens"]] == ids[:8]
+    everything = preview(parse_spec({**SFT, "data": rows, "train_on": "all_messages"}),
+                         tiny_tokenizer, limit=1)["examples"][0]
+    assert everything["n_trained"] > ex["n_trained"]
+
+
+def test_preview_of_preference_and_rl_rows(tiny_tokenizer):
+    from tuneforge.jobs.preview import preview
+
+    dpo = parse_spec({"type": "dpo", "base_model": "tuneforge/tiny-qwen3",
+                      "data": [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}]})
+    out = preview(dpo, tiny_tokenizer)
+    assert out["total_examples"] == 1
+    assert [(e["pair"], e["side"]) for e in out["examples"]] == [(0, "chosen"), (0, "rejected")]
+    answers = ["".join(t["text"] for t in e["tokens"] if t["weight"] > 0)
+               for e in out["examples"]]
+    assert answers[0].startswith("4") and answers[1].startswith("5")
+    rl = parse_spec({"type": "rl", "base_model": "tuneforge/tiny-qwen3", "max_length": 8,
+                     "data": [{"prompt": "What is 2+2?", "answer": 4}]})
+    [ex] = preview(rl, tiny_tokenizer)["examples"]
+    assert ex["n_trained"] == 0 and ex["answer"] == "4" and ex["max_length"] is None
+    assert ex["n_tokens"] > 8 and not ex["truncated"]  # prompts are not cut at max_length
+    skill_only = parse_spec({"type": "distill", "base_model": "tuneforge/tiny-qwen3",
+                             "teacher": {"model": "m", "system_prompt": "s"}})
+    assert preview(skill_only, tiny_tokenizer) == {"examples": [], "total_examples": 0}

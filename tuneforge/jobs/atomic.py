@@ -9,19 +9,52 @@ skips tasks that already finished and continues the others from their checkpoint
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import ClassVar, Literal
 
+from tuneforge.errors import UserError
 from tuneforge.jobs import data
-from tuneforge.jobs.runner import Cancelled, JobContext, Progress, RunDir
-from tuneforge.jobs.spec import TASK_OVERRIDES, SFTSpec, parse_spec, spec_to_dict
+from tuneforge.jobs.context import Cancelled, JobContext, Progress
+from tuneforge.jobs.jobtype import JobType, PreviewRow, blame
+from tuneforge.jobs.rundir import RunDir
+from tuneforge.jobs.spec import (
+    TRAIN_ON,
+    TRAIN_ON_HELP,
+    Common,
+    DataSource,
+    option,
+    parse_spec,
+    resolve_path,
+    spec_to_dict,
+)
+from tuneforge.jobs.supervised import Supervised, preview_chat, train_supervised
 
 DONE = ("completed", "failed")
+TASK_OVERRIDES = ("learning_rate", "lora_rank", "epochs", "batch_size", "patience", "min_delta",
+                  "eval_split", "eval_every", "max_length", "seed")
 
 
-def task_spec(parent, task: dict) -> SFTSpec:
+class AtomicSpec(Common):
+    """Many small SFT adapters, one per task, trained at once on the shared base model; a
+    failing task records its error and the others go on."""
+
+    held_out_per_task: ClassVar[bool] = True
+
+    type: Literal["atomic"]
+    tasks: DataSource = option(..., "a folder of TASK.jsonl files, or a JSONL (or list) of "
+                               "{name, data, ...overrides}", group="data")
+    max_concurrent: int = option(8, "tasks trained at the same time", group="tasks", ge=1,
+                                 le=256)
+    train_on: Literal[TRAIN_ON] = option(  # type: ignore[valid-type]
+        "last_assistant_message", TRAIN_ON_HELP, group="data")
+
+
+def task_spec(parent, task: dict):
     unknown = set(task) - {"name", "data", *TASK_OVERRIDES}
     if unknown:
         raise ValueError(f"task {task['name']!r}: unknown option(s) {', '.join(sorted(unknown))}"
@@ -35,8 +68,6 @@ def task_spec(parent, task: dict) -> SFTSpec:
 
 
 def run(ctx: JobContext) -> dict:
-    from tuneforge.jobs import sft
-
     spec = ctx.spec
     tasks = data.load_tasks(spec.tasks)
     root = ctx.run.path / "tasks"
@@ -66,8 +97,6 @@ def run(ctx: JobContext) -> dict:
         folder = RunDir(root / name)
         meta_path = folder.path / "metadata.json"
         if meta_path.exists():
-            import json
-
             meta = json.loads(meta_path.read_text())
             if meta.get("status") in DONE:
                 with lock:
@@ -81,9 +110,9 @@ def run(ctx: JobContext) -> dict:
             child = ctx.child(tspec, folder.path, progress[name])
             child.on_progress = lambda _snap: report()
             child.run.write_config(tspec)
-            train, held_out = sft.load_split(tspec, "sft")
-            out = sft.train_supervised(child, sft.Supervised(child, train, held_out,
-                                                             spec.train_on), tag=f"[{name}] ")
+            train, held_out = _sft().split(tspec)
+            out = train_supervised(child, Supervised(child, train, held_out, spec.train_on),
+                                   tag=f"[{name}] ")
             meta.update(status="completed", examples=out["examples"],
                         epochs_trained=out["epochs_trained"], steps=out["steps"],
                         early_stopped=out["early_stopped"], best_epoch=out["best_epoch"],
@@ -119,3 +148,72 @@ def run(ctx: JobContext) -> dict:
     ctx.run.log(f"atomic batch done: {summary['completed']} completed, {summary['failed']} "
                 f"failed, {summary['early_stopped']} stopped early")
     return {k: v for k, v in summary.items() if k != "results"}
+
+
+def _sft() -> JobType:
+    """The job type a task runs as."""
+    from tuneforge.jobs.registry import job_type  # the registry imports this module
+
+    return job_type("sft")
+
+
+class Atomic(JobType):
+    name = "atomic"
+    spec = AtomicSpec
+    data_fields = ("eval_data",)
+    has_tasks = True
+
+    def parse_row(self, row: dict) -> dict:
+        return data.sft_example(row)
+
+    def preflight(self, spec) -> None:
+        with blame("tasks"):
+            data.load_tasks(spec.tasks)
+
+    def named_files(self, spec) -> list[tuple[str, str]]:
+        out = super().named_files(spec)
+        if isinstance(spec.tasks, str):
+            out.append(("tasks", spec.tasks))
+        else:
+            out += [(f"tasks[{i}].data", t.get("data")) for i, t in enumerate(spec.tasks)
+                    if isinstance(t, dict) and isinstance(t.get("data"), str)]
+        return out
+
+    def listed_files(self, spec) -> list[tuple[str, str]]:
+        if not isinstance(spec.tasks, str):
+            return []
+        return [(f"task {t['name']}: data", t["data"]) for t in data.load_tasks(spec.tasks)
+                if isinstance(t["data"], str)]
+
+    def resolve_paths(self, spec, base_dir: Path):
+        spec = super().resolve_paths(spec, base_dir)
+        return spec.model_copy(update={"tasks": resolve_path(spec.tasks, base_dir)})
+
+    def inline(self, spec):
+        spec = super().inline(spec)
+        tasks = [{**t, "data": data.plain_rows(data.read_rows(t["data"], f"task {t['name']}"))
+                  if isinstance(t["data"], str) else t["data"]}
+                 for t in data.load_tasks(spec.tasks)]
+        return spec.model_copy(update={"tasks": tasks})
+
+    def run(self, ctx: JobContext) -> dict:
+        return run(ctx)
+
+    def preview(self, spec, renderer, folder: Path | None,
+                limit: int) -> tuple[list[PreviewRow], int]:
+        """Every task's rows, task after task, each cut at its own max_length."""
+        rows, total = [], 0
+        for task in data.load_tasks(spec.tasks):
+            try:
+                tspec = task_spec(spec, task)
+            except UserError:
+                raise
+            except ValueError as e:  # an option a task may not set
+                raise UserError(f"tasks: {e}") from None
+            examples = self.examples(tspec.data, f"task {task['name']}")
+            total += len(examples)
+            for ex in examples[:max(0, limit - len(rows))]:
+                tokens, weights, _ = preview_chat(renderer, ex["messages"], spec.train_on)
+                rows.append((tokens, weights, {"task": task["name"],
+                                               "max_length": tspec.max_length}))
+        return rows, total

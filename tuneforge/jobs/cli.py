@@ -1,11 +1,17 @@
-"""`tuneforge train` and `tuneforge jobs ...`: the command-line face of the job layer."""
+"""`tuneforge train` and `tuneforge jobs ...`: the command-line face of the job layer.
+
+The job layer is a client of the server: `tuneforge train` without --url runs against a server
+that the caller (tuneforge/cli.py) starts in this process and hands in as `embedded`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -55,9 +61,14 @@ def add_parsers(sub) -> None:
                     "(default: the held-out split)")
 
 
-def main(args: argparse.Namespace) -> int:
+# (the parsed arguments) -> a context manager giving (base URL, API key) of a server that runs
+# while it is open
+Embedded = Callable[[argparse.Namespace], contextlib.AbstractContextManager[tuple[str, str]]]
+
+
+def main(args: argparse.Namespace, embedded: Embedded) -> int:
     try:
-        return train(args) if args.command == "train" else jobs(args)
+        return train(args, embedded) if args.command == "train" else jobs(args)
     except UserError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 1
@@ -66,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
 
 
-def train(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace, embedded: Embedded) -> int:
     import datetime as dt
 
     from tuneforge.jobs.runner import preflight
@@ -83,19 +94,16 @@ def train(args: argparse.Namespace) -> int:
     if url:
         key = args.api_key or os.environ.get("TINKER_API_KEY")
         return _train(spec, out, url, key)
-    from tuneforge.server.embedded import embedded_server
-    from tuneforge.settings import Settings
-
-    overrides = {"data_dir": args.data_dir, "num_threads": args.threads, "preload_models": []}
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    with embedded_server(settings) as (base_url, key):
+    with embedded(args) as (base_url, key):
         return _train(spec, out, base_url, key)
 
 
 def _train(spec, out: Path, url: str, key: str | None) -> int:
     from tqdm import tqdm
 
-    from tuneforge.jobs.runner import JobContext, RunDir, run_job
+    from tuneforge.jobs.context import JobContext
+    from tuneforge.jobs.rundir import RunDir
+    from tuneforge.jobs.runner import run_job
 
     bar = tqdm(total=1, unit="step", dynamic_ncols=True)
 

@@ -123,12 +123,11 @@ def prompt_example(row: dict) -> dict:
             "meta": metadata(row, ("prompt",))}
 
 
-EXAMPLE = {"sft": sft_example, "atomic": sft_example, "dpo": dpo_example, "rl": rl_example,
-           "distill": prompt_example}
-
-
 def load_examples(kind: str, source, what: str = "data") -> list[dict]:
-    return [EXAMPLE[kind](row) for row in read_rows(source, what)]
+    """The rows of `source` as job type `kind` reads them."""
+    from tuneforge.jobs.registry import job_type  # it imports the job types, which import this
+
+    return job_type(kind).examples(source, what)
 
 
 def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -179,30 +178,13 @@ def inline_files(spec):
     """The spec with every file it names replaced by its content (data rows, task rows, the
     teacher's skill file as its system prompt), so it can run on a server that cannot see them.
     A Python grader stays a reference: code is not shipped."""
-    update = {}
-    for field in ("data", "eval_data"):
-        if isinstance(getattr(spec, field, None), str):
-            update[field] = plain_rows(read_rows(getattr(spec, field), field))
-    if spec.type == "atomic":
-        update["tasks"] = [{**t, "data": plain_rows(read_rows(t["data"], f"task {t['name']}"))
-                            if isinstance(t["data"], str) else t["data"]}
-                           for t in load_tasks(spec.tasks)]
-    if spec.type == "distill" and spec.teacher.skill_file:
-        update["teacher"] = spec.teacher.model_copy(update={
-            "skill_file": None, "system_prompt": Path(spec.teacher.skill_file).read_text()})
-    return spec.model_copy(update=update)
+    from tuneforge.jobs.registry import job_type
+
+    return job_type(spec.type).inline(spec)
 
 
 def named_files(spec) -> list[tuple[str, str]]:
     """(field, path) for every server file the spec names."""
-    out = [(f, getattr(spec, f)) for f in ("data", "eval_data")
-           if isinstance(getattr(spec, f, None), str)]
-    if spec.type == "atomic":
-        if isinstance(spec.tasks, str):
-            out.append(("tasks", spec.tasks))
-        else:
-            out += [(f"tasks[{i}].data", t.get("data")) for i, t in enumerate(spec.tasks)
-                    if isinstance(t, dict) and isinstance(t.get("data"), str)]
-    if spec.type == "distill" and spec.teacher.skill_file:
-        out.append(("teacher.skill_file", spec.teacher.skill_file))
-    return out
+    from tuneforge.jobs.registry import job_type
+
+    return job_type(spec.type).named_files(spec)

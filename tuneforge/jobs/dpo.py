@@ -4,18 +4,36 @@ and rejected answer are computed once, through a sampling client, before trainin
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 import torch
 from tinker import types
 
-from tuneforge.jobs import evaluate
-from tuneforge.jobs.runner import (
-    JobContext,
-    adam,
-    conclude,
-    renderer_for,
-    train_loop,
-)
-from tuneforge.jobs.sft import load_split
+from tuneforge.jobs import data, evaluate
+from tuneforge.jobs.context import JobContext
+from tuneforge.jobs.jobtype import JobType, PreviewRow
+from tuneforge.jobs.loop import adam, conclude, train_loop
+from tuneforge.jobs.model import renderer_for
+from tuneforge.jobs.spec import Common, DataSource, option
+from tuneforge.jobs.supervised import preview_chat
+
+
+class DPOSpec(Common):
+    """Direct Preference Optimization: the adapter learns to prefer each row's chosen answer
+    over its rejected one, against the base model as the reference."""
+
+    type: Literal["dpo"]
+    data: DataSource = option(..., "preference rows: a JSONL path or a list of {prompt, chosen,"
+                              " rejected} rows", group="data")
+    dpo_beta: float = option(0.1, "strength of the preference against the reference model: "
+                             "higher keeps closer to the base model", group="dpo", gt=0, le=100)
+
+
+def preference_chats(ex: dict) -> tuple[list[dict], list[dict]]:
+    """The chosen and the rejected answer, each as a chat after the prompt."""
+    return tuple([*ex["prompt"], {"role": "assistant", "content": a}]
+                 for a in (ex["chosen"], ex["rejected"]))
 
 
 class Preference:
@@ -32,10 +50,9 @@ class Preference:
         from tinker_cookbook.supervised.data import conversation_to_datum
 
         spec = self.ctx.spec
-        return tuple(conversation_to_datum([*ex["prompt"], {"role": "assistant", "content": a}],
-                                           self.renderer, spec.max_length,
+        return tuple(conversation_to_datum(chat, self.renderer, spec.max_length,
                                            TrainOnWhat.LAST_ASSISTANT_MESSAGE, reduction="none")
-                     for a in (ex["chosen"], ex["rejected"]))
+                     for chat in preference_chats(ex))
 
     def setup(self, tc) -> None:
         spec = self.ctx.spec
@@ -117,10 +134,30 @@ def _weighted(logprobs, datum: types.Datum) -> float:
     return float(sum(w * lp for w, lp in zip(weights, logprobs, strict=True) if w))
 
 
-def run(ctx: JobContext) -> dict:
-    spec = ctx.spec
-    train, held_out = load_split(spec, "dpo")
-    pref = Preference(ctx, train, held_out)
-    result = train_loop(ctx, len(train), pref.step, pref.evaluate if held_out else None,
-                        setup=pref.setup)
-    return conclude(ctx, result, pref, held_out or train, bool(held_out))
+class DPO(JobType):
+    name = "dpo"
+    spec = DPOSpec
+
+    def parse_row(self, row: dict) -> dict:
+        return data.dpo_example(row)
+
+    def run(self, ctx: JobContext) -> dict:
+        train, held_out = self.split(ctx.spec)
+        pref = Preference(ctx, train, held_out)
+        result = train_loop(ctx, len(train), pref.step, pref.evaluate if held_out else None,
+                            setup=pref.setup)
+        return conclude(ctx, result, pref, held_out or train, bool(held_out))
+
+    def evaluator(self, ctx: JobContext, folder: Path, data_source):
+        return Preference(ctx, [], []), self.eval_examples(ctx.spec, data_source)
+
+    def preview(self, spec, renderer, folder: Path | None,
+                limit: int) -> tuple[list[PreviewRow], int]:
+        """Two rows per pair: the chosen answer, then the rejected one."""
+        examples = self.examples(spec.data)
+        rows = []
+        for i, ex in enumerate(examples[:limit]):
+            for side, chat in zip(("chosen", "rejected"), preference_chats(ex), strict=True):
+                tokens, weights, _ = preview_chat(renderer, chat, "last_assistant_message")
+                rows.append((tokens, weights, {"pair": i, "side": side}))
+        return rows, len(examples)

@@ -9,8 +9,11 @@ from pathlib import Path
 import yaml
 
 from tuneforge.errors import UserError
-from tuneforge.jobs import data, evaluate
-from tuneforge.jobs.runner import JobContext, RunDir, pick_renderer
+from tuneforge.jobs import evaluate
+from tuneforge.jobs.context import JobContext
+from tuneforge.jobs.model import pick_renderer
+from tuneforge.jobs.registry import job_type
+from tuneforge.jobs.rundir import RunDir
 from tuneforge.jobs.spec import parse_spec
 
 
@@ -35,8 +38,8 @@ def evaluate_run(service, folder: Path, *, data_source=None, baseline: str | Non
                  samples: int | None = None) -> dict:
     folder = Path(folder)
     raw = yaml.safe_load((folder / "config.yaml").read_text())
-    if raw["type"] == "atomic" and task is None:
-        raise UserError("task: an atomic job has one adapter per task; name the task")
+    if job_type(raw["type"]).has_tasks and task is None:
+        raise UserError(f"task: an {raw['type']} job has one adapter per task; name the task")
     run_folder, sampler_path = _adapter_of(folder, task)
     spec = parse_spec(yaml.safe_load((run_folder / "config.yaml").read_text()))
     if samples is not None:
@@ -46,9 +49,8 @@ def evaluate_run(service, folder: Path, *, data_source=None, baseline: str | Non
 
     tokenizer = AutoTokenizer.from_pretrained(model["tokenizer_id"])
     ctx = JobContext(spec=spec, run=RunDir(run_folder), service=service)
-    evaluator, examples = _evaluator(ctx, run_folder, data_source)
-    _, evaluator.renderer = pick_renderer(getattr(spec, "renderer", None), spec.base_model,
-                                          tokenizer)
+    evaluator, examples = job_type(spec.type).evaluator(ctx, run_folder, data_source)
+    _, evaluator.renderer = pick_renderer(spec.renderer, spec.base_model, tokenizer)
     job_report = evaluator.report(service.create_sampling_client(model_path=sampler_path).result(),
                                   examples)
     out = {"adapter": sampler_path, "examples": len(examples), "report": job_report}
@@ -67,29 +69,3 @@ def evaluate_run(service, folder: Path, *, data_source=None, baseline: str | Non
         out["baseline"] = {"name": name, "report": evaluator.report(other, examples)}
         out["comparison"] = evaluate.compare(job_report, out["baseline"]["report"], "job", name)
     return out
-
-
-def _evaluator(ctx: JobContext, folder: Path, data_source):
-    from tuneforge.jobs import dpo, rl, sft
-
-    spec = ctx.spec
-    kind = spec.type
-    if kind == "distill":
-        if data_source is not None:
-            raise UserError("data: a distillation job is evaluated on its teacher's held-out "
-                            "answers; evaluate it with an sft-shaped file via a new job")
-        rows = [json.loads(line) for line in (folder / "teacher_data.jsonl").read_text()
-                .splitlines()]
-        held = [r for r in rows if r["held_out"]] or rows[: max(spec.eval_samples, 1)]
-        return sft.Supervised(ctx, [], []), [{"messages": r["messages"], "meta": {}}
-                                             for r in held]
-    if data_source is not None:
-        examples = data.load_examples(kind, data_source)
-    else:
-        train, held_out = sft.load_split(spec, kind)
-        examples = held_out or train
-    if kind == "sft":
-        return sft.Supervised(ctx, [], [], spec.train_on), examples
-    if kind == "dpo":
-        return dpo.Preference(ctx, [], []), examples
-    return rl.Reinforce(ctx, [], []), examples

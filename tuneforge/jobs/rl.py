@@ -19,23 +19,44 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tinker import types
 
 from tuneforge.errors import UserError
-from tuneforge.jobs import evaluate
-from tuneforge.jobs.runner import (
-    JobContext,
-    adam,
-    conclude,
-    renderer_for,
-    train_loop,
-)
-from tuneforge.jobs.sft import load_split
+from tuneforge.jobs import data, evaluate
+from tuneforge.jobs.context import JobContext
+from tuneforge.jobs.jobtype import JobType, PreviewRow, blame
+from tuneforge.jobs.loop import adam, conclude, train_loop
+from tuneforge.jobs.model import renderer_for
+from tuneforge.jobs.spec import Common, DataSource, option, resolve_path
 
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 BUILTIN_GRADERS = ("exact_match", "boxed_number")
+
+
+class RLSpec(Common):
+    """Reinforcement learning with verifiable rewards: answers sampled in groups from the
+    current weights, graded, and trained on their reward relative to their group."""
+
+    type: Literal["rl"]
+    data: DataSource = option(..., "prompts with the expected answer: a JSONL path or a list of"
+                              " {prompt, answer} rows", group="data")
+    grader: str = option("exact_match", "how an answer earns its reward: exact_match, "
+                         "boxed_number, or FILE.py:FUNCTION / module:FUNCTION returning a float",
+                         group="rl")
+    format_bonus: float = option(0.1, "boxed_number: reward for a \\boxed{} answer even when "
+                                 "wrong", group="rl", ge=0, le=1)
+    group_size: int = option(4, "answers sampled per prompt (their rewards are compared with "
+                             "each other)", group="rl", ge=2, le=64)
+    max_tokens: int = option(64, "tokens per sampled answer", group="rl", ge=1, le=4096)
+    temperature: float = option(1.0, "sampling temperature of the answers", group="rl", gt=0,
+                                le=2.0)
+    loss_fn: Literal["importance_sampling", "ppo"] = option(
+        "importance_sampling", "the policy-gradient loss: importance_sampling or ppo (clipped)",
+        group="rl")
+    batch_size: int = option(4, "prompts per step", group="training", ge=1, le=1024)
 
 
 def exact_match(response: str, answer: str) -> float:
@@ -161,11 +182,46 @@ class Reinforce:
         return {"eval_reward": r["reward"], "eval_accuracy": r["accuracy"]}
 
 
-def run(ctx: JobContext) -> dict:
-    spec = ctx.spec
-    train, held_out = load_split(spec, "rl")
-    rl = Reinforce(ctx, train, held_out)
-    result = train_loop(ctx, len(train), rl.step, rl.evaluate if held_out else None,
-                        maximize=True, eval_name="eval_reward", train_key="reward",
-                        setup=rl.setup)
-    return conclude(ctx, result, rl, held_out or train, bool(held_out), key="reward")
+class RL(JobType):
+    name = "rl"
+    spec = RLSpec
+    cuts_at_max_length = False
+
+    def parse_row(self, row: dict) -> dict:
+        return data.rl_example(row)
+
+    def preflight(self, spec) -> None:
+        super().preflight(spec)
+        with blame("grader"):
+            load_grader(spec.grader, spec.format_bonus)
+
+    def user_code(self, spec) -> str | None:
+        return None if spec.grader in BUILTIN_GRADERS else spec.grader
+
+    def resolve_paths(self, spec, base_dir: Path):
+        spec = super().resolve_paths(spec, base_dir)
+        if spec.grader.count(":") == 1 and ".py:" in spec.grader:
+            file, func = spec.grader.split(":")
+            spec = spec.model_copy(update={"grader": f"{resolve_path(file, base_dir)}:{func}"})
+        return spec
+
+    def run(self, ctx: JobContext) -> dict:
+        train, held_out = self.split(ctx.spec)
+        rl = Reinforce(ctx, train, held_out)
+        result = train_loop(ctx, len(train), rl.step, rl.evaluate if held_out else None,
+                            maximize=True, eval_name="eval_reward", train_key="reward",
+                            setup=rl.setup)
+        return conclude(ctx, result, rl, held_out or train, bool(held_out), key="reward")
+
+    def evaluator(self, ctx: JobContext, folder: Path, data_source):
+        return Reinforce(ctx, [], []), self.eval_examples(ctx.spec, data_source)
+
+    def preview(self, spec, renderer, folder: Path | None,
+                limit: int) -> tuple[list[PreviewRow], int]:
+        """The prompts as the sampler sees them (the answers are sampled while it trains)."""
+        examples = self.examples(spec.data)
+        rows = []
+        for ex in examples[:limit]:
+            tokens = renderer.build_generation_prompt(ex["prompt"]).to_ints()
+            rows.append((tokens, [0.0] * len(tokens), {"answer": ex["answer"]}))
+        return rows, len(examples)

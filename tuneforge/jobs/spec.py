@@ -1,19 +1,23 @@
 """Job specifications: what a YAML file (or the same JSON over HTTP) may say, validated before
 anything runs.
 
-One model per job type, discriminated by `type`; unknown keys are refused (a misspelt option
-must never be silently ignored). Paths are resolved against the config file's folder. Data is a
-path to a JSONL file or the rows themselves (a list), so a job can be posted over HTTP whole.
+`Common` holds the options every job type shares; each job type's module declares its own model
+(`type` is the discriminator) and the registry (jobs/registry.py) joins them into one union.
+Unknown keys are refused (a misspelt option must never be silently ignored). Every option is a
+`Field` with a description and a group: the schema the console shows (jobs/schema.py) is
+generated from these models, so there is no second copy of the options. Paths are resolved
+against the config file's folder. Data is a path to a JSONL file or the rows themselves (a
+list), so a job can be posted over HTTP whole.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tuneforge.errors import UserError
 
@@ -21,152 +25,132 @@ Rows = list[dict[str, Any]]
 DataSource = str | Rows
 
 TRAIN_ON = ("last_assistant_message", "all_assistant_messages", "all_messages")
+TRAIN_ON_HELP = ("which tokens the loss is on: the last assistant message, every assistant "
+                 "message, or every message")
 
 
-class _Spec(BaseModel):
+def option(default: Any = ..., description: str = "", *, group: str, **constraints: Any) -> Any:
+    """A spec field with its help text and the group the console shows it in."""
+    return Field(default, description=description, json_schema_extra={"group": group},
+                 **constraints)
+
+
+class OptionError(ValueError):
+    """A rule between options broken; `field` is the option (dotted path) to blame."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Strict(BaseModel):
+    """A spec model: unknown keys are refused."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class Common(_Spec):
+class Common(Strict):
     """Hyper-parameters every job type shares."""
 
-    name: str | None = Field(None, max_length=128, description="a name for the run (default: "
-                             "the config file's name)")
-    base_model: str = Field(..., min_length=1, description="a base model the server offers")
-    lora_rank: int = Field(32, ge=1, le=128)
-    load_checkpoint_path: str | None = Field(None, pattern=r"^tinker://",
-                                             description="start from these weights (a "
-                                             "tinker:// state path; the optimizer starts fresh)")
-    learning_rate: float | None = Field(None, gt=0, le=1.0,
-                                        description="default: the LoRA learning-rate formula "
-                                        "(get_lr) for the base model")
-    lr_schedule: Literal["constant", "linear"] = "linear"
-    batch_size: int = Field(8, ge=1, le=1024)
-    epochs: int = Field(1, ge=1, le=1000)
-    max_length: int = Field(1024, ge=8, le=131072)
-    seed: int = 0
-    eval_split: float = Field(0.0, ge=0.0, le=0.5, description="fraction of the data held out")
-    eval_data: DataSource | None = Field(None, description="held-out rows (instead of a split)")
-    eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = each epoch")
-    save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = each epoch")
-    patience: int | None = Field(None, ge=1, description="evaluations without improvement "
-                                 "before stopping early")
-    min_delta: float = Field(0.0, ge=0.0)
-    eval_samples: int = Field(4, ge=0, le=100, description="sample outputs in the report")
-    eval_max_tokens: int = Field(64, ge=1, le=4096)
+    # eval_every and patience need held-out data of the job itself (an atomic batch's tasks may
+    # hold out their own)
+    held_out_per_task: ClassVar[bool] = False
+
+    name: str | None = option(None, "a name for the run (default: the config file's name)",
+                              group="general", max_length=128)
+    base_model: str = option(..., "a base model the server offers, e.g. tuneforge/tiny-qwen3",
+                             group="model", min_length=1)
+    lora_rank: int = option(32, "rank of the LoRA adapter: higher learns more, costs more "
+                            "memory", group="model", ge=1, le=128)
+    load_checkpoint_path: str | None = option(
+        None, "start from these weights (a tinker:// state path; the optimizer starts fresh)",
+        group="model", pattern=r"^tinker://")
+    renderer: str | None = option(None, "the cookbook renderer (chat template) that turns rows "
+                                  "into tokens; default: chosen from the base model",
+                                  group="model")
+    learning_rate: float | None = option(None, "peak learning rate; default: the LoRA "
+                                         "learning-rate formula (get_lr) for the base model",
+                                         group="training", gt=0, le=1.0)
+    lr_schedule: Literal["constant", "linear"] = option(
+        "linear", "linear: decays to 0 over the run; constant: stays at learning_rate",
+        group="training")
+    batch_size: int = option(8, "rows per optimizer step", group="training", ge=1, le=1024)
+    epochs: int = option(1, "passes over the training rows", group="training", ge=1, le=1000)
+    max_length: int = option(1024, "tokens per row; longer rows are cut at this length",
+                             group="training", ge=8, le=131072)
+    seed: int = option(0, "seed of the adapter's initialisation, the shuffling, the split and "
+                       "sampling", group="training")
+    eval_split: float = option(0.0, "fraction of the data held out for evaluation",
+                               group="evaluation", ge=0.0, le=0.5)
+    eval_data: DataSource | None = option(None, "held-out rows (instead of a split): a JSONL "
+                                          "path or a list of rows", group="evaluation")
+    eval_every: int = option(0, "steps between evaluations; 0 = each epoch",
+                             group="evaluation", ge=0)
+    save_every: int = option(0, "steps between checkpoints; 0 = each epoch",
+                             group="checkpoints", ge=0)
+    patience: int | None = option(None, "evaluations without improvement before stopping "
+                                  "early (unset: never stop early)", group="evaluation", ge=1)
+    min_delta: float = option(0.0, "the least change of the held-out score that counts as an "
+                              "improvement", group="evaluation", ge=0.0)
+    eval_samples: int = option(4, "sample outputs shown in the report", group="evaluation",
+                               ge=0, le=100)
+    eval_max_tokens: int = option(64, "tokens per sample output in the report",
+                                  group="evaluation", ge=1, le=4096)
 
     @model_validator(mode="after")
     def _eval_source(self):
         if self.eval_split and self.eval_data is not None:
-            raise ValueError("give eval_split or eval_data, not both")
+            raise OptionError("eval_data", "give eval_split or eval_data, not both")
         held_out = bool(self.eval_split) or self.eval_data is not None
-        if getattr(self, "type", None) != "atomic" and not held_out:  # tasks may set their own
-            for option in ("patience", "eval_every"):
-                if getattr(self, option):
-                    raise ValueError(f"{option} needs held-out data: set eval_split or "
-                                     "eval_data")
+        if not self.held_out_per_task and not held_out:
+            for name in ("patience", "eval_every"):
+                if getattr(self, name):
+                    raise OptionError(name, f"{name} needs held-out data: set eval_split or "
+                                      "eval_data")
         return self
 
 
-class SFTSpec(Common):
-    type: Literal["sft"]
-    data: DataSource
-    train_on: Literal[TRAIN_ON] = "last_assistant_message"  # type: ignore[valid-type]
-    renderer: str | None = None
-
-
-class DPOSpec(Common):
-    type: Literal["dpo"]
-    data: DataSource
-    dpo_beta: float = Field(0.1, gt=0, le=100)
-    renderer: str | None = None
-
-
-class RLSpec(Common):
-    type: Literal["rl"]
-    data: DataSource
-    grader: str = Field("exact_match", description="exact_match, boxed_number, or "
-                        "FILE.py:FUNCTION / module:FUNCTION returning a float reward")
-    format_bonus: float = Field(0.1, ge=0, le=1, description="boxed_number: reward for a "
-                                "\\boxed{} answer even when wrong")
-    group_size: int = Field(4, ge=2, le=64)
-    max_tokens: int = Field(64, ge=1, le=4096)
-    temperature: float = Field(1.0, gt=0, le=2.0)
-    loss_fn: Literal["importance_sampling", "ppo"] = "importance_sampling"
-    renderer: str | None = None
-    batch_size: int = Field(4, ge=1, le=1024, description="prompts per step")
-
-
-class Teacher(_Spec):
-    model: str = Field(..., min_length=1, description="a base model name, or a tinker:// "
-                       "sampler-weights path")
-    base_model: str | None = Field(None, description="the checkpoint's base model (for a "
-                                   "tinker:// teacher)")
-    system_prompt: str | None = None
-    skill_file: str | None = Field(None, description="a file (e.g. SKILL.md) given to the teacher "
-                                   "as its system prompt")
-    temperature: float = Field(0.7, ge=0, le=2.0)
-    max_tokens: int = Field(128, ge=1, le=4096)
-    samples_per_prompt: int = Field(1, ge=1, le=16)
-
-    @model_validator(mode="after")
-    def _context(self):
-        if self.system_prompt is not None and self.skill_file is not None:
-            raise ValueError("give system_prompt or skill_file, not both")
-        return self
-
-
-class DistillSpec(Common):
-    type: Literal["distill"]
-    data: DataSource = Field(..., description="prompts: rows with a 'prompt' field")
-    teacher: Teacher
-    renderer: str | None = None
-
-
-class AtomicSpec(Common):
-    """Many small SFT adapters, one per task, trained at once."""
-
-    type: Literal["atomic"]
-    tasks: DataSource = Field(..., description="a folder of TASK.jsonl files, or a JSONL (or "
-                              "list) of {name, data, ...overrides}")
-    max_concurrent: int = Field(8, ge=1, le=256)
-    train_on: Literal[TRAIN_ON] = "last_assistant_message"  # type: ignore[valid-type]
-    renderer: str | None = None
-
-
-TASK_OVERRIDES = ("learning_rate", "lora_rank", "epochs", "batch_size", "patience", "min_delta",
-                  "eval_split", "eval_every", "max_length", "seed")
-
-JobSpec = Annotated[SFTSpec | DPOSpec | RLSpec | DistillSpec | AtomicSpec,
-                    Field(discriminator="type")]
-_ADAPTER = TypeAdapter(JobSpec)
-
-
-def format_errors(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors()[:8]:
+def field_errors(e: ValidationError, branches: tuple[str, ...]) -> tuple[str, list[dict]]:
+    """The text of a validation error (its first 8 problems) and [{field, message}] for each:
+    `field` the dotted option path (the union branch, one of `branches`, left out: the type is
+    already known; a rule between options names the option it blames)."""
+    parts, fields = [], []
+    for err in e.errors():
         loc = [str(p) for p in err.get("loc", ())]
-        if loc and loc[0] in ("sft", "dpo", "rl", "distill", "atomic"):
-            loc = loc[1:]  # the union branch: the type is already known
+        if loc and loc[0] in branches:
+            loc = loc[1:]
         msg = err.get("msg", "invalid")
-        if err.get("type") == "extra_forbidden":
+        kind = err.get("type", "")
+        if kind == "extra_forbidden":
             msg = "unknown option (not implemented or misspelt)"
         parts.append(f"{'.'.join(loc) or 'config'}: {msg}")
-    return "; ".join(parts)
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, OptionError):
+            loc = [*loc, cause.field]
+        elif not loc and kind.startswith("union_tag"):
+            loc = ["type"]
+        fields.append({"field": ".".join(loc) or "config", "message": msg})
+    return "; ".join(parts[:8]), fields
 
 
 def parse_spec(raw: Any, base_dir: Path | None = None):
     """A validated spec from a mapping; relative paths resolved against `base_dir`."""
+    # the registry imports the job type modules, which import this one
+    from tuneforge.jobs import registry
+
     if not isinstance(raw, dict):
-        raise UserError("a job config must be a mapping (YAML or JSON object)")
+        message = "a job config must be a mapping (YAML or JSON object)"
+        raise UserError(message, fields=[{"field": "config", "message": message}])
     if "type" not in raw:
-        raise UserError("type: required, one of sft, dpo, rl, distill, atomic")
+        message = f"required, one of {', '.join(registry.names())}"
+        raise UserError(f"type: {message}", fields=[{"field": "type", "message": message}])
     try:
-        spec = _ADAPTER.validate_python(raw)
+        spec = registry.spec_adapter().validate_python(raw)
     except ValidationError as e:
-        raise UserError(f"invalid job config: {format_errors(e)}") from None
+        text, fields = field_errors(e, registry.names())
+        raise UserError(f"invalid job config: {text}", fields=fields) from None
     if base_dir is not None:
-        spec = _resolve_paths(spec, base_dir)
+        spec = registry.job_type(spec.type).resolve_paths(spec, base_dir)
     return spec
 
 
@@ -186,24 +170,12 @@ def load_spec(path: Path):
     return parse_spec(raw, path.parent)
 
 
-def _resolve_paths(spec, base_dir: Path):
-    def fix(value):
-        if isinstance(value, str) and not value.startswith("tinker://"):
-            p = Path(value).expanduser()
-            return str(p if p.is_absolute() else (base_dir / p).resolve())
-        return value
-
-    updates = {}
-    for field in ("data", "eval_data", "tasks"):
-        if isinstance(getattr(spec, field, None), str):
-            updates[field] = fix(getattr(spec, field))
-    if isinstance(spec, RLSpec) and spec.grader.count(":") == 1 and ".py:" in spec.grader:
-        file, func = spec.grader.split(":")
-        updates["grader"] = f"{fix(file)}:{func}"
-    if isinstance(spec, DistillSpec) and spec.teacher.skill_file:
-        updates["teacher"] = spec.teacher.model_copy(
-            update={"skill_file": fix(spec.teacher.skill_file)})
-    return spec.model_copy(update=updates)
+def resolve_path(value: Any, base_dir: Path) -> Any:
+    """A relative file path resolved against `base_dir` (tinker:// paths and rows unchanged)."""
+    if isinstance(value, str) and not value.startswith("tinker://"):
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else (base_dir / p).resolve())
+    return value
 
 
 def spec_to_dict(spec) -> dict:

@@ -16,13 +16,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tuneforge.errors import TuneforgeError
 from tuneforge.server.routes import (
     client,
+    console,
     files,
     futures,
     jobs,
     metrics,
+    oai,
+    run_metrics,
     runs,
     sampling,
     sessions,
+    system,
     training,
     weights,
 )
@@ -43,17 +47,22 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         state.start()
         task = asyncio.create_task(_maintenance(state))
+        load_task = asyncio.create_task(state.load.run())
         try:
             yield
         finally:
             task.cancel()
+            load_task.cancel()
             state.stop()
 
-    app = FastAPI(title="tuneforge", version="0.1.0", lifespan=lifespan)
+    # /docs and /redoc would load their assets from a CDN; /openapi.json stays served
+    app = FastAPI(title="tuneforge", version="0.1.0", lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     app.state.tf = state
     for module in (client, sessions, training, weights, sampling, futures, runs, files, metrics,
-                   jobs):
+                   jobs, run_metrics, system, oai):
         app.include_router(module.router)
+    console.install(app)
     _install_error_handlers(app)
     return app
 
@@ -63,8 +72,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     # network glitch).
     @app.exception_handler(TuneforgeError)
     async def tuneforge_error(_request: Request, exc: TuneforgeError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message, "category": exc.category},
-                            status_code=exc.status)
+        body = {"detail": exc.message, "category": exc.category}
+        if getattr(exc, "fields", None):  # a UserError naming the options at fault
+            body["errors"] = exc.fields
+        return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,5 +1,8 @@
 """The job manager: declarative jobs (tuneforge.jobs) run in the server process, persisted.
 
+The job layer is a client of this server; the manager reaches it only through its host
+interface (tuneforge.jobs.host): parsing and checking a config, running it, its preview.
+
 A job runs in its own thread and calls this server over loopback through the `tinker` SDK, with
 a key of its own that acts for the key that submitted it (so its runs and checkpoints belong to
 that key, and revoking that key stops the job's access too). At most `max_running_jobs` run at
@@ -23,7 +26,8 @@ from pathlib import Path
 from sqlalchemy import select
 
 from tuneforge.errors import NotFound, UserError
-from tuneforge.storage.db import JobRow, utcnow
+from tuneforge.jobs import host
+from tuneforge.storage.db import JobRow, TrainingRunRow, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +76,20 @@ class JobManager:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def submit(self, owner: str, raw: dict) -> JobRow:
-        from tuneforge.jobs.runner import preflight
-        from tuneforge.jobs.spec import parse_spec, spec_to_dict
-
+    def parse(self, raw: dict):
+        """A config checked as a job from HTTP: valid, and using only what this server lets
+        such a job read and run."""
         files_dir = self.state.settings.job_files_dir
-        spec = parse_spec(raw, base_dir=files_dir.resolve() if files_dir else None)
+        spec = host.parse(raw, base_dir=files_dir.resolve() if files_dir else None)
         self.check_access(spec)
-        preflight(spec)
+        return spec
+
+    def submit(self, owner: str, raw: dict) -> JobRow:
+        spec = self.parse(raw)
+        host.preflight(spec)
         job_id = f"job-{secrets.token_hex(6)}"
         row = JobRow(id=job_id, owner=owner, name=spec.name or job_id, type=spec.type,
-                     spec=spec_to_dict(spec), status="queued", progress={"progress": 0.0},
+                     spec=host.spec_json(spec), status="queued", progress={"progress": 0.0},
                      folder=str(self.root / job_id))
         row.key = self.state.keys.issue_job_key(job_id, owner)
         self.db.add(row)
@@ -92,34 +99,48 @@ class JobManager:
     def check_access(self, spec) -> None:
         """Jobs from HTTP read server files only inside `job_files_dir`, and run user code only
         when `allow_job_code` is set."""
-        from tuneforge.jobs.data import load_tasks, named_files
-        from tuneforge.jobs.rl import BUILTIN_GRADERS
-
-        for field, path in named_files(spec):
+        for field, path in host.job_files(spec):
             self.check_file(field, path)
-        if spec.type == "atomic" and isinstance(spec.tasks, str):  # the files a listing names
-            for task in load_tasks(spec.tasks):
-                if isinstance(task["data"], str):
-                    self.check_file(f"task {task['name']}: data", task["data"])
-        if (spec.type == "rl" and spec.grader not in BUILTIN_GRADERS
-                and not self.state.settings.allow_job_code):
-            raise UserError(f"grader: {spec.grader!r} is Python code this server would run; "
-                            "it accepts only exact_match and boxed_number (the operator can "
-                            "allow code with TUNEFORGE_ALLOW_JOB_CODE=1)")
+        for what, path in host.listed_files(spec):  # read once the listing itself is allowed
+            self.check_file(what, path)
+        code = host.user_code(spec)
+        if code is not None and not self.state.settings.allow_job_code:
+            message = (f"{code!r} is Python code this server would run; it accepts only "
+                       "exact_match and boxed_number (the operator can allow code with "
+                       "TUNEFORGE_ALLOW_JOB_CODE=1)")
+            raise UserError(f"grader: {message}", fields=[{"field": "grader",
+                                                            "message": message}])
 
     def check_file(self, field: str, path: str) -> str:
         """`path` (relative ones: to `job_files_dir`) if it lies inside that folder."""
         files_dir = self.state.settings.job_files_dir
         if files_dir is None:
-            raise UserError(f"{field}: this server reads no files for jobs; send the rows "
-                            "inline (`tuneforge jobs submit` does), or the operator sets "
-                            "TUNEFORGE_JOB_FILES_DIR")
+            message = ("this server reads no files for jobs; send the rows inline (`tuneforge "
+                       "jobs submit` does), or the operator sets TUNEFORGE_JOB_FILES_DIR")
+            raise UserError(f"{field}: {message}", fields=[{"field": field, "message": message}])
         root = files_dir.resolve()
         full = (root / path).resolve()
         if not full.is_relative_to(root):
-            raise UserError(f"{field}: {path!r} is outside the job files folder of this "
-                            f"server ({root})")
+            message = f"{path!r} is outside the job files folder of this server ({root})"
+            raise UserError(f"{field}: {message}", fields=[{"field": field, "message": message}])
         return str(full)
+
+    def preview(self, spec, folder: Path | None, limit: int) -> dict:
+        """The job's rows as it trains on them, with the served base model's tokenizer."""
+        try:
+            tokenizer_dir = self.state.registry.resolve(spec.base_model)
+        except UserError as e:
+            e.fields = e.fields or [{"field": "base_model", "message": e.message}]
+            raise
+        return host.preview(spec, tokenizer_dir, folder, limit)
+
+    def runs(self, row: JobRow) -> list[str]:
+        """Ids of the training runs the job made (they carry its id in their metadata)."""
+        runs = self.db.select(select(TrainingRunRow)
+                              .where(TrainingRunRow.owner == row.owner,
+                                     TrainingRunRow.created_at >= row.created_at)
+                              .order_by(TrainingRunRow.created_at))
+        return [r.id for r in runs if (r.user_metadata or {}).get("job_id") == row.id]
 
     def get(self, owner: str, job_id: str) -> JobRow:
         row = self.db.get(JobRow, job_id)
@@ -166,9 +187,6 @@ class JobManager:
                 self._threads.pop(job_id, None)
 
     def _execute(self, job_id: str, cancel: threading.Event) -> None:
-        from tuneforge.jobs.runner import Cancelled, JobContext, RunDir, run_job
-        from tuneforge.jobs.spec import parse_spec
-
         row = self.db.get(JobRow, job_id)
         if row is None or row.status not in ACTIVE:
             return
@@ -176,7 +194,7 @@ class JobManager:
             live = s.get(JobRow, job_id)
             live.status = "running"
             live.started_at = live.started_at or utcnow()
-        run = RunDir(Path(row.folder))
+        folder = Path(row.folder)
         last_write = [0.0]
 
         def on_progress(snapshot: dict) -> None:
@@ -189,46 +207,37 @@ class JobManager:
                 if live is not None:
                     live.progress = snapshot
 
-        ctx = None
         try:
             self._wait_for_server(cancel)
-            spec = parse_spec(row.spec)
-            ctx = JobContext.connect(spec, run, self.base_url, row.key, cancel=cancel,
-                                     on_progress=on_progress)
-            result = run_job(ctx)
-        except Cancelled:
+            result = host.run(row.spec, folder, base_url=self.base_url, api_key=row.key,
+                              job_id=job_id, cancel=cancel, stopping=self._stopping,
+                              on_progress=on_progress)
+        except host.Cancelled:
             if self._stopping.is_set():
-                run.log("server stopping: the job continues when it starts again")
+                host.log(folder, "server stopping: the job continues when it starts again")
                 return
-            run.log("cancelled")
-            if ctx is not None:
-                ctx.close("interrupted")
+            host.log(folder, "cancelled")
             self._finish(job_id, "cancelled")
             return
         except Exception as e:
             if self._stopping.is_set():
-                run.log(f"server stopping ({type(e).__name__}): the job continues when it "
-                        "starts again")
+                host.log(folder, f"server stopping ({type(e).__name__}): the job continues "
+                         "when it starts again")
                 return
             message = e.message if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-            run.log(f"failed: {message}\n{traceback.format_exc()}")
-            if ctx is not None:
-                ctx.close("errored")
+            host.log(folder, f"failed: {message}\n{traceback.format_exc()}")
             self._finish(job_id, "failed", error=message[:4000])
             return
-        ctx.close("success")
         self._finish(job_id, "completed", result=result)
 
     def _wait_for_server(self, cancel: threading.Event, timeout: float = 120.0) -> None:
         """Jobs resumed at start-up begin before the server listens: wait until it answers."""
         import httpx
 
-        from tuneforge.jobs.runner import Cancelled
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if cancel.is_set():
-                raise Cancelled()
+                raise host.Cancelled()
             try:
                 if httpx.get(f"{self.base_url}/api/v1/healthz", timeout=2).status_code == 200:
                     return

@@ -19,6 +19,8 @@ from tuneforge.engine.models import ModelRegistry
 from tuneforge.errors import Gone, LimitExceeded, NotFound, UserError
 from tuneforge.scheduler.futures import Future, FutureStore
 from tuneforge.scheduler.queue import Scheduler, Work
+from tuneforge.server.load import EngineLoad
+from tuneforge.server.run_metrics import RunMetrics
 from tuneforge.settings import Settings
 from tuneforge.storage import recovery
 from tuneforge.storage.datadir import DataDir
@@ -51,6 +53,8 @@ class ServerState:
                                    batch_wait=settings.batch_wait_ms / 1000,
                                    batch_requests=settings.batch_requests,
                                    on_thread_start=self._pin_threads)
+        self.run_metrics = RunMetrics(self.db)
+        self.load = EngineLoad(self.scheduler.stats)
         self.model_owners: dict[str, str] = {}
         self.model_lanes: dict[str, str] = {}  # model id -> its base model (its queue)
         # idempotency for requests that are not ordered by seq_id: key -> future
@@ -70,6 +74,7 @@ class ServerState:
         report = recovery.recover(self.db, self.paths)
         if any(report.values()):
             logger.warning("recovered the data directory after an unclean stop: %s", report)
+        self.run_metrics.start()
         self.scheduler.start()
         for name in self.settings.preload_models:
             self.registry.get(name)
@@ -78,6 +83,7 @@ class ServerState:
     def stop(self) -> None:
         self.jobs.stop()
         self.scheduler.stop()
+        self.run_metrics.stop()  # after the engine: its last steps are written too
         self.db.close()
 
     # ---- idempotent submission ----------------------------------------------------------------
@@ -115,6 +121,7 @@ class ServerState:
             del self.model_owners[model_id]
             self.model_lanes.pop(model_id, None)
             self._last_noted.pop(model_id, None)
+            self.run_metrics.forget(model_id)
             self.scheduler.close_model(model_id)
 
         def job() -> dict:

@@ -119,6 +119,20 @@ class JobKeyRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class RunMetricRow(Base):
+    """One optimizer step of a training run, as the server recorded it (server/run_metrics.py).
+
+    `id` is global and increasing (a live stream's event id); `data` holds the row's other
+    fields (loss, tokens, hyperparameters, optimizer metrics, the ISO time string)."""
+
+    __tablename__ = "run_metrics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(128), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
 class Database:
     def __init__(self, url: str) -> None:
         is_sqlite = url.startswith("sqlite")

@@ -1,25 +1,31 @@
 """The REST job API: declarative training jobs (see tuneforge.jobs and server/jobs.py).
 
     POST /api/jobs                 start a job (body: the job config as JSON) -> {id, status}
+    GET  /api/jobs/schema          every job type's options (help, defaults, enums, bounds)
+    POST /api/jobs/preview         {"config", "limit"}: the rows as the job would train on them
     GET  /api/jobs                 the caller's jobs, newest first
     GET  /api/jobs/{id}            status, progress 0-1, epoch/step, latest loss, ETA, result
+    GET  /api/jobs/{id}/preview    ?limit=: the same for a submitted job
     GET  /api/jobs/{id}/logs       the log (text); ?follow=true streams it until the job ends
-    GET  /api/jobs/{id}/metrics    per-step metrics, per-epoch history, checkpoints
+    GET  /api/jobs/{id}/metrics    per-step metrics, per-epoch history, checkpoints, its runs
+    GET  /api/jobs/{id}/tasks      an atomic batch's tasks: status, epochs, best held-out loss
+    GET  /api/jobs/{id}/tasks/{name}/metrics   one task of an atomic batch: the same
     POST /api/jobs/{id}/cancel     stop a queued or running job
     POST /api/jobs/{id}/evaluate   evaluate its adapter; optionally against a baseline
+
+The fixed paths (/schema, /preview) are declared before /{job_id}, which would match them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from tuneforge.errors import UserError
-from tuneforge.jobs.runner import RunDir
+from tuneforge.jobs import host
 from tuneforge.server.deps import JsonBody, OptionalJsonBody, Owner, State
 from tuneforge.server.jobs import ACTIVE
 from tuneforge.server.routes.runs import _page
@@ -29,6 +35,7 @@ router = APIRouter(prefix="/api/jobs")
 
 FOLLOW_POLL_SECONDS = 0.5
 EVALUATE_OPTIONS = {"data", "baseline", "task", "samples"}
+PREVIEW_OPTIONS = {"config", "limit"}
 
 
 @router.post("")
@@ -36,6 +43,25 @@ EVALUATE_OPTIONS = {"data", "baseline", "task", "samples"}
 async def start_job(state: State, owner: Owner, body: JsonBody) -> dict:
     row = await asyncio.to_thread(state.jobs.submit, owner, body)
     return job_json(row)
+
+
+@router.get("/schema")
+def job_schema() -> dict:
+    return host.schema()
+
+
+@router.post("/preview")
+def preview_config(state: State, owner: Owner, body: JsonBody) -> dict:
+    """Body: {"config": the job config as for POST /api/jobs, "limit": rows (default 20)}."""
+    unknown = set(body) - PREVIEW_OPTIONS
+    if unknown:
+        raise UserError(f"preview: unknown option(s) {', '.join(sorted(unknown))} (options: "
+                        f"{', '.join(sorted(PREVIEW_OPTIONS))})")
+    if "config" not in body:
+        raise UserError("config: required (the job config, as POST /api/jobs takes it)",
+                        fields=[{"field": "config", "message": "required"}])
+    spec = state.jobs.parse(body["config"])
+    return state.jobs.preview(spec, None, _limit(body.get("limit", 20)))
 
 
 @router.get("")
@@ -48,6 +74,20 @@ def list_jobs(state: State, owner: Owner, limit: int = 100, offset: int = 0) -> 
 @router.get("/{job_id}")
 def get_job(state: State, owner: Owner, job_id: str) -> dict:
     return job_json(state.jobs.get(owner, job_id))
+
+
+@router.get("/{job_id}/preview")
+def preview_job(state: State, owner: Owner, job_id: str, limit: int = 20) -> dict:
+    row = state.jobs.get(owner, job_id)
+    spec = host.parse(row.spec)  # as it was accepted (its files were checked then)
+    return state.jobs.preview(spec, Path(row.folder), _limit(limit))
+
+
+def _limit(value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError("limit must be an integer", fields=[{"field": "limit",
+                                                              "message": "not an integer"}])
+    return value
 
 
 @router.get("/{job_id}/logs")
@@ -84,15 +124,20 @@ def job_logs(state: State, owner: Owner, job_id: str, follow: bool = False,
 @router.get("/{job_id}/metrics")
 def job_metrics(state: State, owner: Owner, job_id: str) -> dict:
     row = state.jobs.get(owner, job_id)
-    run = RunDir(Path(row.folder))
-    history_file = run.path / "training_history.json"
-    out = {"metrics": run.rows("metrics.jsonl"), "checkpoints": run.rows("checkpoints.jsonl"),
-           "history": json.loads(history_file.read_text()) if history_file.exists() else []}
-    if (run.path / "summary.json").exists():  # an atomic batch: every task's history
-        out["tasks"] = {p.name: json.loads((p / "training_history.json").read_text())
-                        for p in sorted((run.path / "tasks").iterdir())
-                        if (p / "training_history.json").exists()}
-    return out
+    return {**host.metrics(Path(row.folder)), "runs": state.jobs.runs(row)}
+
+
+@router.get("/{job_id}/tasks")
+def job_tasks(state: State, owner: Owner, job_id: str) -> dict:
+    row = state.jobs.get(owner, job_id)
+    if row.type != "atomic":
+        raise UserError(f"job {job_id!r} is a {row.type} job; only atomic jobs have tasks")
+    return {"tasks": host.tasks(Path(row.folder), row.spec)}
+
+
+@router.get("/{job_id}/tasks/{name}/metrics")
+def task_metrics(state: State, owner: Owner, job_id: str, name: str) -> dict:
+    return host.task_metrics(Path(state.jobs.get(owner, job_id).folder), name)
 
 
 @router.post("/{job_id}/cancel")
@@ -105,10 +150,6 @@ async def evaluate_job(state: State, owner: Owner, job_id: str, request: Request
                        body: OptionalJsonBody = None) -> dict:
     """Body (all optional): data (JSONL path or rows of the job's shape; default its held-out
     split), baseline ("base" or another job id), task (atomic jobs), samples (how many)."""
-    import tinker
-
-    from tuneforge.jobs.report import evaluate_run
-
     body = body or {}
     unknown = set(body) - EVALUATE_OPTIONS
     if unknown:
@@ -128,18 +169,10 @@ async def evaluate_job(state: State, owner: Owner, job_id: str, request: Request
     api_key = request.headers.get("x-api-key")
 
     def work() -> dict:
-        service = tinker.ServiceClient(base_url=state.jobs.base_url, api_key=api_key)
-        try:
-            report = evaluate_run(service, Path(row.folder), data_source=data_source,
-                                  baseline=baseline, baseline_folder=baseline_folder,
-                                  task=body.get("task"), samples=samples)
-        finally:
-            try:
-                service.close("success").result(timeout=60)
-            except Exception:
-                pass
-        RunDir(Path(row.folder)).write("evaluation.json", report)
-        return report
+        return host.evaluate(state.jobs.base_url, api_key, Path(row.folder),
+                             data_source=data_source, baseline=baseline,
+                             baseline_folder=baseline_folder, task=body.get("task"),
+                             samples=samples)
 
     return {"id": job_id, **await asyncio.to_thread(work)}
 

@@ -76,6 +76,17 @@ def metrics(state: State) -> str:
                engine.budget.limit)
     out.metric("base_model_bytes", "gauge", "Parameter memory of each loaded base model.",
                [({"base_model": name}, size) for name, size in state.registry.sizes().items()])
+    recorder = state.run_metrics
+    out.metric("run_metrics_seconds_total", "counter",
+               "Time spent recording run metrics on request paths (submission, engine thread).",
+               round(recorder.recording_seconds, 6))
+    out.metric("run_metrics_flush_seconds_total", "counter",
+               "Time the background writer spent writing run metric rows.",
+               round(recorder.flush_seconds_total, 6))
+    out.metric("run_metrics_rows_total", "counter", "Run metric rows recorded (one per step).",
+               recorder.rows_recorded)
+    out.metric("run_metrics_streams", "gauge", "Open run metric streams.",
+               recorder.subscriber_count())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out.metric("process_max_resident_bytes", "gauge", "Peak resident memory of the server.", rss)
     if torch.cuda.is_available():

@@ -107,7 +107,11 @@ def _submit_forward_backward(state: ServerState, owner: str, body: bytes,
     msg = wire.parse_forward_backward(body, encoding)  # an unreadable envelope is a 400
     request_type = "Forward" if msg.forward_only else "ForwardBackward"
     try:
-        work = Work(fb=wire.forward_backward_input(msg), encode_fb=wire.encode_forward_backward)
+        fb = wire.forward_backward_input(msg)
+        encode = wire.encode_forward_backward
+        if not fb.forward_only:  # the step's loss and tokens, for the run's metrics
+            encode = state.run_metrics.recording_encoder(msg.model_id, fb, encode)
+        work = Work(fb=fb, encode_fb=encode)
     except TuneforgeError as e:  # bad content fails this future, in order
         def fail(error: TuneforgeError = e) -> bytes:
             raise error
@@ -132,6 +136,7 @@ def optim_step(state: State, owner: Owner, body: JsonBody) -> dict:
             eps=params.eps, weight_decay=params.weight_decay,
             grad_clip_norm=params.grad_clip_norm)
         metrics = state.engine.optim_step(model_id, hp)
+        state.run_metrics.optim_step(model_id, hp, metrics)
         state.note_activity(model_id)
         return {"metrics": metrics, "type": "optim_step"}
 

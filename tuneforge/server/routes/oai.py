@@ -1,0 +1,176 @@
+"""OpenAI-compatible API under /oai/api/v1: chat completions and the model list.
+
+`POST /chat/completions` samples through the same scheduler queue and continuous-batching
+decoder as Tinker `sample` (server/chat.py builds the request). The handlers are plain `def`s:
+they run on the server's worker threads, which render the prompt, submit the request, and wait
+for its future without blocking the event loop.
+
+Streaming (`stream: true`) answers OpenAI's server-sent events: `data: {chat.completion.chunk}`
+lines, then `data: [DONE]`. The decoder hands back a request only once it has finished, so the
+stream is not live token by token: the role chunk goes out at once, `: keepalive` comments
+while the answer is decoded, and then the finished answer as one chunk per token (its text
+delta, and its logprob entry when asked for), so the deltas concatenate to exactly the
+non-streamed content. A failure after the stream has started is sent as a `data: {"error": ...}`
+event.
+
+Authentication takes `Authorization: Bearer <key>` (what OpenAI clients send) or `X-API-Key`.
+Errors answer in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, mapped by
+this router's route class, so the Tinker routes keep their own error bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Annotated, Any
+
+import anyio.from_thread
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tuneforge.errors import AuthError, NotFound, TuneforgeError
+from tuneforge.scheduler.futures import Future
+from tuneforge.server import chat, chat_answer, chat_request
+from tuneforge.server.deps import JsonBody, State
+from tuneforge.server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+KEEPALIVE_SECONDS = 15.0
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
+                403: "permission_error", 404: "invalid_request_error",
+                410: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_body(status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"),
+                      "param": param, "code": code}}
+
+
+def _error_of(exc: Exception) -> tuple[int, dict]:
+    if isinstance(exc, TuneforgeError):
+        code = getattr(exc, "code", None)
+        if isinstance(exc, AuthError):
+            code = "invalid_api_key"
+        elif isinstance(exc, NotFound) and code is None:
+            code = "not_found"
+        return exc.status, error_body(exc.status, exc.message, getattr(exc, "param", None), code)
+    if isinstance(exc, RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
+                             for e in exc.errors()[:5])
+        return 400, error_body(400, problems or "invalid request body")
+    if isinstance(exc, StarletteHTTPException):
+        return exc.status_code, error_body(exc.status_code, str(exc.detail))
+    logger.error("chat API request failed", exc_info=exc)
+    return 500, error_body(500, f"internal error: {type(exc).__name__}")
+
+
+class OpenAIRoute(APIRoute):
+    """Answers every error of its routes in OpenAI's error shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:  # every error gets the OpenAI shape
+                status, body = _error_of(exc)
+                return JSONResponse(body, status_code=status)
+
+        return guarded
+
+
+router = APIRouter(prefix="/oai/api/v1", route_class=OpenAIRoute)
+
+
+def oai_owner(request: Request) -> str:
+    """The owner id of the caller's key, from `Authorization: Bearer` or `X-API-Key`."""
+    key = request.headers.get("x-api-key")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if not key and scheme.lower() == "bearer":
+        key = token.strip()
+    if not key:
+        raise AuthError("missing API key: send it as `Authorization: Bearer <key>` or in the "
+                        "X-API-Key header")
+    identity = request.app.state.tf.keys.identify(key)
+    if identity is None:
+        raise AuthError("invalid or revoked API key")
+    return identity.owner
+
+
+OaiOwner = Annotated[str, Depends(oai_owner)]
+
+
+@router.post("/chat/completions")
+def chat_completions(state: State, owner: OaiOwner, body: JsonBody) -> Response:
+    req = chat_request.parse(body)
+    prepared = chat.prepare(state, owner, req)
+    fut = chat.submit(state, owner, prepared)
+    if req.stream:
+        return StreamingResponse(_stream(state, prepared, fut), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+    _wait(state, fut, None)
+    return JSONResponse(_completion(prepared, fut))
+
+
+@router.get("/models")
+def list_models(state: State, owner: OaiOwner) -> dict:
+    return {"object": "list", "data": chat.list_models(state, owner)}
+
+
+@router.get("/models/{model:path}")
+def retrieve_model(model: str, state: State, owner: OaiOwner) -> dict:
+    return chat.model_entry(state, owner, model)
+
+
+@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                  include_in_schema=False)
+def not_served(rest: str, request: Request) -> Response:
+    raise NotFound(f"{request.method} /oai/api/v1/{rest} is not served here (served: POST "
+                   "/oai/api/v1/chat/completions, GET /oai/api/v1/models)")
+
+
+def _wait(state: ServerState, fut: Future, timeout: float | None) -> None:
+    """Block this worker thread until `fut` finishes (or `timeout` passes), waiting on the
+    event loop's future store."""
+    while fut.state == "pending":
+        anyio.from_thread.run(state.futures.wait, fut, timeout or 60.0)
+        if timeout is not None:
+            return
+
+
+def _completion(prepared: chat.PreparedChat, fut: Future) -> dict:
+    tokenizer = chat.tokenizer_for_model(prepared)
+    answer = chat_answer.choices(tokenizer, prepared, chat.sequences(fut))
+    return chat_answer.completion(tokenizer, prepared, answer)
+
+
+def _stream(state: ServerState, prepared: chat.PreparedChat, fut: Future) -> Iterator[str]:
+    # Starlette runs each step of this generator on a worker thread.
+    for chunk in chat_answer.opening_chunks(prepared):
+        yield _event(chunk)
+    while fut.state == "pending":
+        _wait(state, fut, KEEPALIVE_SECONDS)
+        if fut.state == "pending":
+            yield ": keepalive\n\n"
+    try:
+        tokenizer = chat.tokenizer_for_model(prepared)
+        answer = chat_answer.choices(tokenizer, prepared, chat.sequences(fut))
+        chunks = chat_answer.content_chunks(tokenizer, prepared, answer)
+    except Exception as exc:  # reported in the stream, which has begun
+        yield _event(_error_of(exc)[1])
+        return
+    for chunk in chunks:
+        yield _event(chunk)
+    yield "data: [DONE]\n\n"
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
