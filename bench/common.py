@@ -57,3 +57,19 @@ def record(section: str, row: str) -> None:
     if marker not in text:
         raise SystemExit(f"RESULTS.md has no {marker}")
     RESULTS.write_text(text.replace(marker, f"| {dt.date.today().isoformat()} | {row} |\n{marker}"))
+
+
+def random_datums(model: str, seq: int, seed: int = 0):
+    """A function making cross-entropy datums of `seq` random tokens of `model`'s vocabulary."""
+    import numpy as np
+    from tinker import types
+
+    vocab = 8192 if model.startswith("tuneforge/") else 49152
+    rng = np.random.default_rng(seed)
+
+    def datum() -> types.Datum:
+        t = rng.integers(0, vocab, seq + 1)
+        return types.Datum(model_input=types.ModelInput.from_ints(t[:-1].tolist()),
+                           loss_fn_inputs={"target_tokens": t[1:]})
+
+    return datum

@@ -23,8 +23,7 @@ import threading
 from pathlib import Path
 
 import httpx
-import numpy as np
-from common import median, record, run_all, start_server, timed
+from common import median, random_datums, record, run_all, start_server, timed
 
 PAGES = 4
 SYSTEM_POLL_SECONDS = 2.0
@@ -81,13 +80,7 @@ def main() -> None:
     import tinker
     from tinker import types
 
-    vocab = 8192 if args.model.startswith("tuneforge/") else 49152
-    rng = np.random.default_rng(0)
-
-    def datum():
-        t = rng.integers(0, vocab, args.seq + 1)
-        return types.Datum(model_input=types.ModelInput.from_ints(t[:-1].tolist()),
-                           loss_fn_inputs={"target_tokens": t[1:]})
+    datum = random_datums(args.model, args.seq)
 
     adam = types.AdamParams(learning_rate=1e-4)
     with tempfile.TemporaryDirectory() as tmp:

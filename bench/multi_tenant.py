@@ -19,8 +19,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from common import engine_busy, median, record, run_all, start_server, timed
+from common import engine_busy, median, random_datums, record, run_all, start_server, timed
 
 RANKS = [8, 16, 4, 32, 8, 2, 64, 16]
 TARGETS = [dict(), dict(train_mlp=False), dict(train_attn=False), dict(train_unembed=False)]
@@ -41,13 +40,7 @@ def main() -> None:
     import tinker
     from tinker import types
 
-    vocab = 8192 if args.model.startswith("tuneforge/") else 49152
-    rng = np.random.default_rng(0)
-
-    def datum():
-        t = rng.integers(0, vocab, args.seq + 1)
-        return types.Datum(model_input=types.ModelInput.from_ints(t[:-1].tolist()),
-                           loss_fn_inputs={"target_tokens": t[1:]})
+    datum = random_datums(args.model, args.seq)
 
     adam = types.AdamParams(learning_rate=1e-4)
     with tempfile.TemporaryDirectory() as tmp:

@@ -152,8 +152,16 @@ def test_sft_job_from_the_form_completes_with_curves_and_report(console: Console
     console.page.select_option("#baseline", "base")
     console.page.click("#evaluate-job")
     console.page.locator("#comparison").wait_for(timeout=120_000)
-    assert "delta" in console.page.inner_text("#comparison")
+    table = console.page.locator("#comparison table")
+    assert "delta" in table.text_content().lower()
+    loss_row = table.locator("tbody tr", has_text="perplexity").locator("td")
+    job_ppl, base_ppl = (float(loss_row.nth(i).inner_text()) for i in (1, 2))
+    assert job_ppl < base_ppl  # the trained adapter fits its held-out rows better than the base
     console.shot("job-sft-evaluated")
+    console.go("#/jobs")
+    row = console.page.locator("#jobs-table tbody tr", has_text=job_id)
+    row.locator(".status.completed").wait_for()
+    console.shot("jobs")
 
 
 def test_a_bad_option_shows_the_servers_message_beside_its_field(console: Console, tmp_path):
@@ -264,19 +272,25 @@ def test_token_viewer_shows_weight_zero_and_one_tokens(console: Console, tmp_pat
     console.page.fill("#token-base", MODEL)
     console.page.click("#show-file-tokens")
     console.page.wait_for_selector("#token-summary")
-    zero = console.page.locator(".tok.w0").count()
-    one = console.page.locator(".tok.w1").count()
+    zero = console.page.locator("#token-view .tok.w0").count()
+    one = console.page.locator("#token-view .tok.w1").count()
     assert zero > 0 and one > 0
     preview = console.api("POST", "/api/jobs/preview", json={"config": {
         "type": "sft", "base_model": MODEL, "data": ROWS[:3], "max_length": 1024,
         "train_on": "last_assistant_message"}, "limit": 20}).json()
     assert one == sum(e["n_trained"] for e in preview["examples"])
-    first = console.page.locator(".tok.w1").first
+    first = console.page.locator("#token-view .tok.w1").first
     assert "weight 1" in first.get_attribute("title") and "id " in first.get_attribute("title")
     # truncation at max_length is marked
     console.page.fill("#token-max-length", "12")
     console.page.click("#show-file-tokens")
-    console.page.wait_for_selector(".truncmark")
+    mark = console.page.locator("#token-view .truncmark").first
+    mark.wait_for()
+    cut = console.api("POST", "/api/jobs/preview", json={"config": {
+        "type": "sft", "base_model": MODEL, "data": ROWS[:3], "max_length": 12}}).json()
+    assert cut["examples"][0]["truncated"]
+    assert console.page.locator("#token-view .panel").first.locator(".tok").count() == 12
+    assert str(cut["examples"][0]["cut_tokens"]) in mark.inner_text()
     console.shot("tokens")
 
 

@@ -24,7 +24,8 @@ def run_job(ctx: JobContext) -> dict:
     kind = ctx.spec.type
     started = time.monotonic()
     ctx.run.write_config(ctx.spec)
-    ctx.run.log(f"{kind} job {ctx.spec.name or ''} on {ctx.spec.base_model} started")
+    named = f" {ctx.spec.name}" if ctx.spec.name else ""
+    ctx.run.log(f"{kind} job{named} on {ctx.spec.base_model} started")
     summary = job_type(kind).run(ctx)
     summary = {"type": kind, "name": ctx.spec.name, "base_model": ctx.spec.base_model,
                "wall_seconds": round(time.monotonic() - started, 2), **summary}

@@ -84,6 +84,26 @@ export function table(columns, rows, { onRow, empty = "nothing yet" } = {}) {
   return h("table", {}, h("thead", {}, head), h("tbody", {}, body));
 }
 
+// A checkbox column that keeps a selection across refreshes and enables `button` when any
+// row is picked.
+export function pickColumn(selected, button) {
+  return { label: "", render: (r) => h("input", { type: "checkbox", class: "pick",
+    checked: selected.has(r.id), onchange: (ev) => {
+      if (ev.target.checked) selected.add(r.id); else selected.delete(r.id);
+      button.disabled = selected.size < 1;
+    } }) };
+}
+
+// Call `load` now and every `ms` after it finishes, until the returned stop function runs.
+export function poll(load, ms) {
+  let alive = true, timer = null;
+  (async function tick() {
+    await load(() => alive);
+    if (alive) timer = setTimeout(tick, ms);
+  })();
+  return () => { alive = false; clearTimeout(timer); };
+}
+
 // Debiased exponential moving average (as W&B and TensorBoard smooth), skipping nulls.
 export function ema(values, alpha) {
   const out = [];

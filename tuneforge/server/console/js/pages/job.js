@@ -22,12 +22,13 @@ export function render(main, [jobId, taskName]) {
   const logBox = h("pre", { class: "log", id: "job-log" });
   main.append(head, grid);
   if (!taskName) main.append(tasks);
-  main.append(h("h2", {}, "Per-epoch history"), history, evaluation);
+  const historyTitle = h("h2", {}, "Per-epoch history");
+  main.append(historyTitle, history, evaluation);
   if (!taskName) main.append(h("h2", {}, "Log"), logBox);
 
   const charts = {};
-  function chart(name, title, series) {
-    if (!charts[name]) charts[name] = new LineChart(grid, { title, series });
+  function chart(name, title, series, smoothing = true) {
+    if (!charts[name]) charts[name] = new LineChart(grid, { title, series, smoothing });
     return charts[name];
   }
 
@@ -41,7 +42,10 @@ export function render(main, [jobId, taskName]) {
         refresh();
       } }, "Cancel"));
     }
-    if (job.status === "completed") buttons.append(evaluateControls());
+    // an atomic batch is evaluated task by task (on a task's page)
+    if (job.status === "completed" && !(atomic && !taskName)) {
+      buttons.append(evaluateControls());
+    }
     buttons.append(h("a", { class: "button secondary",
       href: `#/tokens?job=${enc}` }, "Tokens"));
     clear(head,
@@ -105,7 +109,7 @@ export function render(main, [jobId, taskName]) {
       chart("reward", "reward (train / held-out)", [{ label: "train" }, { label: "held-out" }])
         .set(xs, [at(steps, "reward"), at(evals, "eval_reward")]);
     }
-    if (has("lr")) chart("lr", "learning rate", [{ label: "lr" }]).set(xs, [at(steps, "lr")]);
+    if (has("lr")) chart("lr", "learning rate", [{ label: "lr" }], false).set(xs, [at(steps, "lr")]);
     const extra = new Set();
     rows.forEach((r) => Object.entries(r).forEach(([k, v]) => {
       if (typeof v === "number" && !NOT_CURVES.has(k)) extra.add(k);
@@ -189,7 +193,10 @@ export function render(main, [jobId, taskName]) {
         ? await get(`/api/jobs/${enc}/tasks/${encodeURIComponent(taskName)}/metrics`)
         : await get(`/api/jobs/${enc}/metrics`);
       showMetrics(metrics);
-      if (atomic && !taskName) await showTasks();
+      if (atomic && !taskName) {
+        historyTitle.hidden = history.hidden = true;  // each task has its own
+        await showTasks();
+      }
       if (!shownResult && !taskName && job.result && job.result.eval) {
         shownResult = true;
         clear(evaluation, showReport(job.result.eval));

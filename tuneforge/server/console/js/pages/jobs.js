@@ -1,7 +1,9 @@
 // Jobs: every declarative training job of this key, with progress and time remaining.
 
 import { get } from "../api.js";
-import { h, clear, fmt, duration, when, table, banner, statusBadge, progressBar } from "../ui.js";
+import {
+  h, clear, fmt, duration, when, table, banner, statusBadge, progressBar, pickColumn, poll,
+} from "../ui.js";
 
 const REFRESH_MS = 2000;
 
@@ -14,17 +16,12 @@ export function render(main) {
   main.append(h("div", { class: "row" }, h("h1", { class: "grow" }, "Jobs"),
     h("a", { class: "button", href: "#/new" }, "New job"), compareBtn), body);
 
-  let timer = null, alive = true;
-  async function load() {
+  return poll(async (alive) => {
     try {
       const data = await get("/api/jobs?limit=200");
-      if (!alive) return;
+      if (!alive()) return;
       clear(body, table([
-        { label: "", render: (j) => h("input", { type: "checkbox", class: "pick",
-          checked: selected.has(j.id), onchange: (ev) => {
-            if (ev.target.checked) selected.add(j.id); else selected.delete(j.id);
-            compareBtn.disabled = selected.size < 1;
-          } }) },
+        pickColumn(selected, compareBtn),
         { label: "job", render: (j) => h("a", { href: `#/jobs/${encodeURIComponent(j.id)}` },
           j.name || j.id) },
         { label: "type", key: "type" },
@@ -41,10 +38,7 @@ export function render(main) {
         empty: "No jobs yet: start one on the New job page.",
       }));
     } catch (e) {
-      if (alive) clear(body, banner("error", e.message));
+      if (alive()) clear(body, banner("error", e.message));
     }
-    if (alive) timer = setTimeout(load, REFRESH_MS);
-  }
-  load();
-  return () => { alive = false; clearTimeout(timer); };
+  }, REFRESH_MS);
 }

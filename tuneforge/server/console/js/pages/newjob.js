@@ -73,7 +73,8 @@ export async function render(main, _params, query) {
     }
 
     const start = h("button", { type: "submit", id: "start-job" }, "Start");
-    const form = h("form", { id: "job-form", dataset: { type: current } },
+    // the server validates (novalidate): its message, not the browser's, goes beside a field
+    const form = h("form", { id: "job-form", novalidate: true, dataset: { type: current } },
       spec.description ? h("p", { class: "muted" }, spec.description) : null,
       extra, grid, h("p", {}, start), general);
     form.addEventListener("submit", async (ev) => {

@@ -1,7 +1,7 @@
 // Runs: every training run of this key (any SDK script, cookbook recipe or job), live.
 
 import { get } from "../api.js";
-import { h, clear, fmt, when, table, banner } from "../ui.js";
+import { h, clear, fmt, when, table, banner, pickColumn, poll } from "../ui.js";
 
 const REFRESH_MS = 3000;
 
@@ -16,17 +16,12 @@ export function render(main) {
       "per-step metrics the server records (loss per token, learning rate, tokens, step time)."),
     body);
 
-  let timer = null, alive = true;
-  async function load() {
+  return poll(async (alive) => {
     try {
       const data = await get("/api/runs?limit=200");
-      if (!alive) return;
+      if (!alive()) return;
       clear(body, table([
-        { label: "", render: (r) => h("input", { type: "checkbox", class: "pick",
-          checked: selected.has(r.id), onchange: (ev) => {
-            if (ev.target.checked) selected.add(r.id); else selected.delete(r.id);
-            compareBtn.disabled = selected.size < 1;
-          } }) },
+        pickColumn(selected, compareBtn),
         { label: "run", render: (r) => h("a", { href: `#/runs/${encodeURIComponent(r.id)}` },
           r.id) },
         { label: "base model", key: "base_model" },
@@ -43,10 +38,7 @@ export function render(main) {
         empty: "No training runs yet: start one from the SDK or the New job page.",
       }));
     } catch (e) {
-      if (alive) clear(body, banner("error", e.message));
+      if (alive()) clear(body, banner("error", e.message));
     }
-    if (alive) timer = setTimeout(load, REFRESH_MS);
-  }
-  load();
-  return () => { alive = false; clearTimeout(timer); };
+  }, REFRESH_MS);
 }

@@ -53,7 +53,7 @@ export async function render(main, _params, query) {
     h("p", { class: "legend small" }, h("span", { class: "tok w0" }, "weight 0 (prompt)"),
       h("span", { class: "tok w1" }, "weight 1 (trained)"),
       h("span", { class: "tok wneg" }, "negative weight"),
-      h("span", { class: "tok cut" }, "cut at max_length")),
+      h("span", { class: "truncmark" }, "cut at max_length")),
     out);
 
   async function show(load) {
@@ -71,22 +71,25 @@ function view(data) {
     h("p", { id: "token-summary" }, `${examples.length} of ${data.total_examples ?? examples.length}`
       + ` examples · ${total} tokens · ${trained} trained`),
     examples.map((ex, i) => h("div", { class: "panel" },
-      h("div", { class: "small muted" }, `#${i + 1}${ex.label ? ` · ${ex.label}` : ""} · `
+      h("div", { class: "small muted" }, `#${i + 1} · `
         + `${ex.n_tokens} tokens · ${ex.n_trained} trained`
         + (ex.truncated ? ` · cut at max_length ${ex.max_length}` : "")),
+      ex.pair !== undefined ? h("div", { class: "small muted" }, `pair ${ex.pair + 1}, ${ex.side}`)
+        : null,
+      ex.task ? h("div", { class: "small muted" }, `task ${ex.task}`) : null,
       h("div", { class: "tokens" }, tokensOf(ex)))));
 }
 
 function tokensOf(ex) {
-  const out = [];
-  ex.tokens.forEach((t, i) => {
-    if (ex.truncated && i === ex.max_length) {
-      out.push(h("span", { class: "truncmark" }, `max_length ${ex.max_length}`));
-    }
+  const out = ex.tokens.map((t) => {
     const w = t.weight;
     const cls = w === 0 ? "w0" : w === 1 ? "w1" : w < 0 ? "wneg" : "wpart";
-    out.push(h("span", { class: `tok ${cls}${t.cut ? " cut" : ""}`,
-      dataset: { weight: w, id: t.id }, title: `id ${t.id} · weight ${w}` }, t.text));
+    return h("span", { class: `tok ${cls}`, dataset: { weight: w, id: t.id },
+      title: `id ${t.id} · weight ${w}` }, t.text);
   });
+  if (ex.truncated) {  // the server keeps the tokens before the cut and counts the rest
+    out.push(h("span", { class: "truncmark", title: `${ex.cut_tokens} tokens dropped` },
+      `✂ max_length ${ex.max_length}: ${ex.cut_tokens} more tokens not trained`));
+  }
   return out;
 }
