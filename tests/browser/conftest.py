@@ -50,8 +50,11 @@ def second_key(console_server) -> str:
     return next(w for w in out.stdout.split() if w.startswith("tml-"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator:
+    """Module-scoped: Playwright's sync API keeps an event loop on the test thread while it
+    runs, which must not outlive these tests (asyncio.run and the SDK's blocking calls refuse a
+    thread with a running loop)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

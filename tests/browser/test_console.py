@@ -281,6 +281,7 @@ def test_token_viewer_shows_weight_zero_and_one_tokens(console: Console, tmp_pat
     assert one == sum(e["n_trained"] for e in preview["examples"])
     first = console.page.locator("#token-view .tok.w1").first
     assert "weight 1" in first.get_attribute("title") and "id " in first.get_attribute("title")
+    console.shot("tokens")
     # truncation at max_length is marked
     console.page.fill("#token-max-length", "12")
     console.page.click("#show-file-tokens")
@@ -291,7 +292,7 @@ def test_token_viewer_shows_weight_zero_and_one_tokens(console: Console, tmp_pat
     assert cut["examples"][0]["truncated"]
     assert console.page.locator("#token-view .panel").first.locator(".tok").count() == 12
     assert str(cut["examples"][0]["cut_tokens"]) in mark.inner_text()
-    console.shot("tokens")
+    console.shot("tokens-cut")
 
 
 def test_atomic_job_lists_its_tasks_and_a_task_opens_its_curves(console: Console):
