@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     lora_alpha: float = Field(32.0, gt=0)
     """LoRA alpha; the scaling applied to an adapter of rank r is alpha / r (Tinker uses 32)."""
     max_lora_rank: int = Field(128, ge=1)
+    seed: int | None = None
+    """Reproducible runs of scripts that seed nothing: unseeded training clients and sample
+    requests get seeds derived from this one (server/seeds.py); unset: fresh randomness."""
     max_models_per_key: int = Field(64, ge=1)
     """Training models one API key may have loaded at once."""
     max_running_jobs: int = Field(4, ge=1)

@@ -111,16 +111,20 @@ def test_rl_loop_runs_on_smollm2(chat_setup, tmp_path):
 def test_sft_then_rl_raises_the_reward(tmp_path_factory, models_dir, capsys):
     """sl_loop teaches the tiny model the answer format with noisy labels; the result, merged
     with `tuneforge export --merged`, is served under a new name and rl_loop, rewarded for the
-    true answer, raises the mean reward."""
+    true answer, raises the mean reward. The recipes seed neither their LoRA initialisation nor
+    their sampling, and with fresh randomness a poor warm-up (one in a few) leaves every RL
+    group at reward 0 and nothing to learn from; TUNEFORGE_SEED makes the run the same each
+    time."""
     hf_home = tmp_path_factory.mktemp("hf-toy")
     root = tmp_path_factory.mktemp("toy")
     offline.install_dataset(hf_home, "HuggingFaceH4/no_robots", "default",
                             offline.toy_sft_rows(160))
     offline.install_dataset(hf_home, "openai/gsm8k", "main", offline.toy_gsm8k_rows(400))
     aliases = {TINY_AS: "tuneforge/tiny-qwen3", WARM_AS: str(root / "merged")}
-    env = env_for(hf_home, aliases)
+    env = {**env_for(hf_home, aliases), "TUNEFORGE_SEED": "0"}
     sft_server = ServerProcess(root / "sft-server", models_dir, preload=(TINY_AS,),
-                               env={k: env[k] for k in ("HF_HOME", "TUNEFORGE_MODEL_ALIASES")})
+                               env={k: env[k] for k in ("HF_HOME", "TUNEFORGE_MODEL_ALIASES",
+                                                       "TUNEFORGE_SEED")})
     sft_server.start()
     try:
         tuneforge(env, sft_server, "cache-tokenizer", TINY_AS)
@@ -134,7 +138,8 @@ def test_sft_then_rl_raises_the_reward(tmp_path_factory, models_dir, capsys):
         sft_server.stop()
 
     rl_server = ServerProcess(root / "rl-server", models_dir, preload=(WARM_AS,),
-                              env={k: env[k] for k in ("HF_HOME", "TUNEFORGE_MODEL_ALIASES")})
+                              env={k: env[k] for k in ("HF_HOME", "TUNEFORGE_MODEL_ALIASES",
+                                                       "TUNEFORGE_SEED")})
     rl_server.start()
     try:
         metrics = recipe("rl_loop", rl_server, env, root / "rl", model_name=WARM_AS,

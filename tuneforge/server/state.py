@@ -21,6 +21,7 @@ from tuneforge.scheduler.futures import Future, FutureStore
 from tuneforge.scheduler.queue import Scheduler, Work
 from tuneforge.server.load import EngineLoad
 from tuneforge.server.run_metrics import RunMetrics
+from tuneforge.server.seeds import DefaultSeeds
 from tuneforge.settings import Settings
 from tuneforge.storage import recovery
 from tuneforge.storage.datadir import DataDir
@@ -53,6 +54,7 @@ class ServerState:
                                    batch_wait=settings.batch_wait_ms / 1000,
                                    batch_requests=settings.batch_requests,
                                    on_thread_start=self._pin_threads)
+        self.seeds = DefaultSeeds(settings.seed)
         self.run_metrics = RunMetrics(self.db)
         self.load = EngineLoad(self.scheduler.stats)
         self.model_owners: dict[str, str] = {}

@@ -57,6 +57,11 @@ def asample(state: State, owner: Owner, body: JsonBody) -> dict:
     row = state.sampler(req.sampling_session_id, owner)
 
     def submit():
+        nonlocal req
+        if req.sampling_params.seed is None and state.seeds.seed is not None:
+            seed = state.seeds.sample(req.prompt.model_dump_json())
+            req = req.model_copy(update={"sampling_params": req.sampling_params.model_copy(
+                update={"seed": seed})})
         fut = state.futures.create("Sample", owner)
         fut.extra["sample_sequence_ids"] = [
             f"{fut.request_id}:{i}" for i in range(max(req.num_samples, 0))]

@@ -59,9 +59,10 @@ def create_model(state: State, owner: Owner, body: JsonBody) -> dict:
             check_optimizer_config(req.optimizer_config)
             state.check_model_quota(owner)
             lc = req.lora_config or types.LoraConfig(rank=32)
+            seed = lc.seed if lc.seed is not None else state.seeds.lora()
             config = LoRAConfig(rank=lc.rank, alpha=state.settings.lora_alpha,
                                 train_attn=lc.train_attn, train_mlp=lc.train_mlp,
-                                train_unembed=lc.train_unembed, seed=lc.seed)
+                                train_unembed=lc.train_unembed, seed=seed)
             tm = state.engine.create_model(model_id, req.base_model, config)
             with state.engine.undo_model_on_error(model_id):
                 register_run(state, model_id, req.session_id, owner, tm.base.name, config,
