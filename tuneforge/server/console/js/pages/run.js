@@ -21,12 +21,11 @@ export function render(main, [runId]) {
     time: new LineChart(grid, { title: "step time (s)", series: [{ label: "seconds" }] }),
     tps: new LineChart(grid, { title: "tokens / s", series: [{ label: "tokens/s" }] }),
   };
-  let last = null, count = 0;
+  let last = null;
 
   function onMetric(ev) {
     if (ev.event !== "metric") return;
     const m = JSON.parse(ev.data);
-    count++;
     last = m;
     charts.loss.push(m.step, [m.loss]);
     charts.lr.push(m.step, [m.lr]);
