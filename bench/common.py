@@ -73,3 +73,11 @@ def random_datums(model: str, seq: int, seed: int = 0):
                            loss_fn_inputs={"target_tokens": t[1:]})
 
     return datum
+
+
+def train_step(tc, batch, adam) -> None:
+    """One cross-entropy step, both requests sent before either answer is awaited."""
+    fb = tc.forward_backward(batch, "cross_entropy")
+    opt = tc.optim_step(adam)
+    fb.result()
+    opt.result()

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 import httpx
-from common import median, random_datums, record, run_all, start_server, timed
+from common import median, random_datums, record, run_all, start_server, timed, train_step
 
 PAGES = 4
 SYSTEM_POLL_SECONDS = 2.0
@@ -92,14 +92,8 @@ def main() -> None:
                        for i in range(args.clients)]
             data = [[datum()] for _ in clients]
 
-            def step(tc, batch):
-                fb = tc.forward_backward(batch, "cross_entropy")
-                opt = tc.optim_step(adam)
-                fb.result()
-                opt.result()
-
             def train():
-                run_all([lambda tc=tc, d=d: [step(tc, d) for _ in range(args.steps)]
+                run_all([lambda tc=tc, d=d: [train_step(tc, d, adam) for _ in range(args.steps)]
                          for tc, d in zip(clients, data, strict=True)])
 
             times: dict[str, list[float]] = {"plain": [], "watched": []}

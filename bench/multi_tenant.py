@@ -19,7 +19,16 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import engine_busy, median, random_datums, record, run_all, start_server, timed
+from common import (
+    engine_busy,
+    median,
+    random_datums,
+    record,
+    run_all,
+    start_server,
+    timed,
+    train_step,
+)
 
 RANKS = [8, 16, 4, 32, 8, 2, 64, 16]
 TARGETS = [dict(), dict(train_mlp=False), dict(train_attn=False), dict(train_unembed=False)]
@@ -57,24 +66,18 @@ def main() -> None:
             data = [[datum()] for _ in clients]
             everything = [d[0] for d in data]
 
-            def step(tc, batch):
-                fb = tc.forward_backward(batch, "cross_entropy")
-                opt = tc.optim_step(adam)
-                fb.result()
-                opt.result()
-
             def concurrent():
-                run_all([lambda tc=tc, d=d: [step(tc, d) for _ in range(args.steps)]
+                run_all([lambda tc=tc, d=d: [train_step(tc, d, adam) for _ in range(args.steps)]
                          for tc, d in zip(clients, data, strict=True)])
 
             def sequential():
                 for tc, d in zip(clients, data, strict=True):
                     for _ in range(args.steps):
-                        step(tc, d)
+                        train_step(tc, d, adam)
 
             def single():
                 for _ in range(args.steps):
-                    step(one, everything)
+                    train_step(one, everything, adam)
 
             loops = {"concurrent": concurrent, "sequential": sequential, "single": single}
             times = {name: [] for name in loops}

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
-from tuneforge.engine import lora
 from tuneforge.engine.models import ModelRegistry
 from tuneforge.errors import Unsupported, UserError
+from tuneforge.export.merged import write_merged
 from tuneforge.settings import Settings
 from tuneforge.storage import checkpoints
 from tuneforge.storage.datadir import DataDir
@@ -62,22 +61,6 @@ def export(data: AdminData, source: str, dest: Path, merged: bool) -> Path:
             shutil.copy2(folder / name, dest / name)
         return dest
     return write_merged(folder, dest, data.registry().resolve)
-
-
-def write_merged(folder: Path, dest: Path, resolve: Callable[[str], Path]) -> Path:
-    """Write checkpoint `folder`'s base model with the adapter merged in (safetensors, config,
-    tokenizer) into the empty folder `dest`; `resolve` maps a base model name to its folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    ckpt = checkpoints.load(folder)
-    base_name = ckpt.metadata.get("base_model") or ckpt.adapter_config["base_model_name_or_path"]
-    base_folder = resolve(base_name)
-    model = AutoModelForCausalLM.from_pretrained(str(base_folder))
-    scaling = float(ckpt.adapter_config["lora_alpha"]) / int(ckpt.adapter_config["r"])
-    lora.merge_into(model, ckpt.A, ckpt.B, scaling)
-    model.save_pretrained(dest)
-    AutoTokenizer.from_pretrained(str(base_folder)).save_pretrained(dest)
-    return dest
 
 
 def import_adapter(data: AdminData, source: Path, base_model: str, name: str,

@@ -116,12 +116,18 @@ def test_run_page_gains_points_live_while_an_sdk_script_trains(console: Console,
     console.shot("run-live")
 
 
-def test_sft_job_from_the_form_completes_with_curves_and_report(console: Console, tmp_path):
+def new_job_form(console: Console, tab: str):
+    """The New job page, logged in, on the form of `tab` (a job type, or "skill")."""
     console.login()
     console.go("#/new")
-    console.page.click("#job-types button[data-type='sft']")
+    console.page.click(f"#job-types button[data-type='{tab}']")
     form = console.page.locator("#job-form")
     form.locator("#opt-base_model").fill(MODEL)
+    return form
+
+
+def test_sft_job_from_the_form_completes_with_curves_and_report(console: Console, tmp_path):
+    form = new_job_form(console, "sft")
     form.locator("#opt-data").set_input_files(write_jsonl(tmp_path / "sum.jsonl", ROWS))
     form.locator("#opt-epochs").fill("2")
     form.locator("#opt-batch_size").fill("4")
@@ -165,11 +171,7 @@ def test_sft_job_from_the_form_completes_with_curves_and_report(console: Console
 
 
 def test_a_bad_option_shows_the_servers_message_beside_its_field(console: Console, tmp_path):
-    console.login()
-    console.go("#/new")
-    console.page.click("#job-types button[data-type='sft']")
-    form = console.page.locator("#job-form")
-    form.locator("#opt-base_model").fill(MODEL)
+    form = new_job_form(console, "sft")
     form.locator("#opt-data").set_input_files(write_jsonl(tmp_path / "d.jsonl", ROWS))
     form.locator("#opt-learning_rate").fill("5")
     console.page.click("#start-job")
@@ -190,12 +192,8 @@ def test_a_skill_md_alone_starts_a_distillation_job(console: Console, tmp_path):
     skill = tmp_path / "SKILL.md"
     skill.write_text("# Haiku helper\nWhen asked for a poem, answer with a haiku: three lines "
                      "of five, seven and five syllables.\n")
-    console.login()
-    console.go("#/new")
-    console.page.click("#job-types button[data-type='skill']")
-    form = console.page.locator("#job-form")
+    form = new_job_form(console, "skill")
     form.locator("#skill-file").set_input_files(str(skill))
-    form.locator("#opt-base_model").fill(MODEL)
     form.locator("#opt-generate_prompts").fill("4")
     form.locator("#opt-teacher-max_tokens").fill("16")
     form.locator("#opt-learning_rate").fill("0.005")
@@ -203,14 +201,11 @@ def test_a_skill_md_alone_starts_a_distillation_job(console: Console, tmp_path):
     console.page.click("#start-job")
     console.page.wait_for_url("**/#/jobs/job-*")
     job_id = console.page.url.rsplit("/", 1)[1]
-    job = console.api("GET", f"/api/jobs/{job_id}").json()
-    assert job["type"] == "distill"
-    spec = console.api("GET", f"/api/jobs/{job_id}").json()
-    assert spec["status"] in ("queued", "running", "completed")
-    wait_for(lambda: console.api("GET", f"/api/jobs/{job_id}").json()["status"]
-             in ("completed", "failed"), 240, "the distillation job to end")
-    final = console.api("GET", f"/api/jobs/{job_id}").json()
+    final = wait_for(lambda: (j := console.api("GET", f"/api/jobs/{job_id}").json())["status"]
+                     in ("completed", "failed") and j, 240, "the distillation job to end")
+    assert final["type"] == "distill"
     assert final["status"] == "completed", final["error"]
+    assert 1 <= final["result"]["generated_prompts"] <= 4  # the teacher wrote the requests
     console.page.locator("#job-head .status.completed").wait_for(timeout=20_000)
     console.shot("job-skill")
 

@@ -28,7 +28,7 @@ from tuneforge.errors import UserError
 from tuneforge.jobs import host
 from tuneforge.server.deps import JsonBody, OptionalJsonBody, Owner, State
 from tuneforge.server.jobs import ACTIVE
-from tuneforge.server.routes.runs import _page
+from tuneforge.server.routes.runs import page
 from tuneforge.storage.db import JobRow
 
 router = APIRouter(prefix="/api/jobs")
@@ -67,7 +67,7 @@ def preview_config(state: State, owner: Owner, body: JsonBody) -> dict:
 @router.get("")
 @router.get("/", include_in_schema=False)
 def list_jobs(state: State, owner: Owner, limit: int = 100, offset: int = 0) -> dict:
-    rows, cursor = _page(state, JobRow, owner, limit, offset)
+    rows, cursor = page(state, JobRow, owner, limit, offset)
     return {"jobs": [job_json(r) for r in rows], "cursor": cursor}
 
 

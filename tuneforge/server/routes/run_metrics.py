@@ -26,17 +26,15 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import func, select, true
 from starlette.background import BackgroundTask
 
-from tuneforge.admin import write_merged
 from tuneforge.errors import NotFound, UserError
+from tuneforge.export.merged import write_merged
 from tuneforge.server.deps import Owner, State
-from tuneforge.server.routes.runs import checkpoint_json
-from tuneforge.server.routes.weights import delete_checkpoint
+from tuneforge.server.routes import runs
 from tuneforge.server.state import ServerState, tinker_path
 from tuneforge.storage import checkpoints
-from tuneforge.storage.db import CheckpointRow, TrainingRunRow
+from tuneforge.storage.db import TrainingRunRow
 
 router = APIRouter(prefix="/api/runs")
 
@@ -73,17 +71,9 @@ def run_summary(state: ServerState, row: TrainingRunRow, last: dict | None) -> d
 
 @router.get("")
 def list_runs(state: State, owner: Owner, limit: int = 20, offset: int = 0) -> dict:
-    if not 1 <= limit <= 1000 or offset < 0:
-        raise UserError(f"limit must be in [1, 1000] and offset >= 0, got limit={limit}, "
-                        f"offset={offset}")
-    where = true() if state.keys.is_admin(owner) else TrainingRunRow.owner == owner
-    rows = state.db.select(select(TrainingRunRow).where(where)
-                           .order_by(TrainingRunRow.created_at.desc(), TrainingRunRow.id.desc())
-                           .limit(limit).offset(offset))
-    total = state.db.select(select(func.count()).select_from(TrainingRunRow).where(where))[0]
+    rows, cursor = runs.page(state, TrainingRunRow, owner, limit, offset)
     latest = state.run_metrics.latest([r.id for r in rows])
-    return {"runs": [run_summary(state, r, latest.get(r.id)) for r in rows],
-            "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+    return {"runs": [run_summary(state, r, latest.get(r.id)) for r in rows], "cursor": cursor}
 
 
 @router.get("/{run_id}")
@@ -156,10 +146,7 @@ async def stream_metrics(run_id: str, request: Request, state: State, owner: Own
 
 @router.get("/{run_id}/checkpoints")
 def list_checkpoints(run_id: str, state: State, owner: Owner) -> dict:
-    state.run(run_id, owner)
-    rows = state.db.select(select(CheckpointRow).where(CheckpointRow.training_run_id == run_id)
-                           .order_by(CheckpointRow.created_at))
-    return {"checkpoints": [checkpoint_json(r) for r in rows]}
+    return runs.list_run_checkpoints(run_id, state, owner)
 
 
 @router.get("/{run_id}/checkpoints/{kind}/{name}/archive")
@@ -194,11 +181,7 @@ def checkpoint_archive(run_id: str, kind: str, name: str, state: State, owner: O
 
 @router.delete("/{run_id}/checkpoints/{kind}/{name}")
 def delete(run_id: str, kind: str, name: str, state: State, owner: Owner) -> Response:
-    state.run(run_id, owner)
-    path = tinker_path(run_id, kind, name)
-    state.checkpoint(path, owner)
-    delete_checkpoint(state, path, state.paths.checkpoint(run_id, kind, name))
-    return Response(status_code=204)
+    return runs.delete(run_id, kind, name, state, owner)
 
 
 def _remove_stale(exports: Path) -> None:

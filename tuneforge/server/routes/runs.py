@@ -51,7 +51,7 @@ def run_json(state: ServerState, row: TrainingRunRow) -> dict:
     }
 
 
-def _page(state: ServerState, row_type, owner: str, limit: int, offset: int) -> tuple[list, dict]:
+def page(state: ServerState, row_type, owner: str, limit: int, offset: int) -> tuple[list, dict]:
     """One page of the caller's rows of `row_type`, newest first, and its cursor."""
     if limit < 1 or limit > 1000 or offset < 0:
         raise UserError("limit must be in [1, 1000] and offset >= 0")
@@ -64,7 +64,7 @@ def _page(state: ServerState, row_type, owner: str, limit: int, offset: int) -> 
 
 @router.get("/training_runs")
 def list_runs(state: State, owner: Owner, limit: int = 20, offset: int = 0) -> dict:
-    rows, cursor = _page(state, TrainingRunRow, owner, limit, offset)
+    rows, cursor = page(state, TrainingRunRow, owner, limit, offset)
     return {"training_runs": [run_json(state, r) for r in rows], "cursor": cursor}
 
 
@@ -83,7 +83,7 @@ def list_run_checkpoints(run_id: str, state: State, owner: Owner) -> dict:
 
 @router.get("/checkpoints")
 def list_checkpoints(state: State, owner: Owner, limit: int = 100, offset: int = 0) -> dict:
-    rows, cursor = _page(state, CheckpointRow, owner, limit, offset)
+    rows, cursor = page(state, CheckpointRow, owner, limit, offset)
     return {"checkpoints": [checkpoint_json(r) for r in rows], "cursor": cursor}
 
 

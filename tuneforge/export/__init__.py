@@ -1,0 +1,1 @@
+"""Writers of trained adapters in the formats other tools load (a merged full model)."""
