@@ -60,7 +60,7 @@ def export(data: AdminData, source: str, dest: Path, merged: bool) -> Path:
         for name in (checkpoints.ADAPTER_FILE, checkpoints.CONFIG_FILE):
             shutil.copy2(folder / name, dest / name)
         return dest
-    return write_merged(folder, dest, data.registry().resolve)
+    return write_merged(folder, dest, data.registry())
 
 
 def import_adapter(data: AdminData, source: Path, base_model: str, name: str,

@@ -42,9 +42,23 @@ def _serve_parser(sub) -> None:
                    "(default: tuneforge/tiny-qwen3) [TUNEFORGE_PRELOAD_MODELS, a JSON list]")
     p.add_argument("--threads", type=int, help="torch threads for the engine "
                    "(default: all cores) [TUNEFORGE_NUM_THREADS]")
-    p.add_argument("--precision", choices=["fp32", "bf16"],
-                   help="fp32 (default) or bf16 autocast [TUNEFORGE_PRECISION]")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"],
+                   help="compute dtype; auto (default) picks bf16 on CUDA or a CPU with "
+                   "AVX512-BF16/AMX, else fp32 [TUNEFORGE_DTYPE]")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward pass for every run "
+                   "[TUNEFORGE_GRADIENT_CHECKPOINTING]")
+    p.add_argument("--alias", action="append", metavar="NAME=MODEL", type=_alias,
+                   help="serve MODEL (which may end in @nf4, @fp4 or @int8 for a quantized "
+                   "copy) under NAME; repeat for several [TUNEFORGE_MODEL_ALIASES, a JSON object]")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _alias(text: str) -> tuple[str, str]:
+    name, sep, target = text.partition("=")
+    if not sep or not name or not target:
+        raise argparse.ArgumentTypeError(f"--alias {text!r}: expected NAME=MODEL")
+    return name, target
 
 
 def _data_dir_option(p) -> None:
@@ -163,9 +177,12 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {
         "host": args.host, "port": args.port, "data_dir": args.data_dir,
         "models_dir": args.models_dir,
-        "preload_models": args.preload, "num_threads": args.threads, "precision": args.precision,
+        "preload_models": args.preload, "num_threads": args.threads, "dtype": args.dtype,
+        "gradient_checkpointing": args.gradient_checkpointing,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    if args.alias:
+        settings.model_aliases.update(dict(args.alias))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 

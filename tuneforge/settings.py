@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tuneforge import quantization as quant
 
 
 class Limits(BaseSettings):
@@ -24,6 +26,25 @@ class Limits(BaseSettings):
     max_samples_per_request: int = Field(128, ge=1)
     max_sample_tokens: int = Field(4096, ge=1)
     max_topk_logprobs: int = Field(64, ge=1)
+
+
+class ModelSpec(BaseModel):
+    """What a served model name stands for: a model, optionally quantized."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1)
+    """A built-in model, a local folder or a Hugging Face id."""
+    quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
+    """bitsandbytes 4-bit NF4 or FP4, or 8-bit LLM.int8() (CUDA only) weights."""
+    double_quant: bool = True
+    """4-bit: quantize the quantization constants too (about 0.4 bits per weight saved)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass for every run on this model."""
+
+    @property
+    def quantized(self) -> str | None:
+        return quant.check(self.quantization)
 
 
 class Settings(BaseSettings):
@@ -42,12 +63,18 @@ class Settings(BaseSettings):
     """Accepted API keys besides the one generated into `data_dir/api_key` on first start."""
     preload_models: list[str] = Field(default_factory=lambda: ["tuneforge/tiny-qwen3"])
     """Base models loaded at start (the default is the built-in offline tiny model)."""
-    model_aliases: dict[str, str] = Field(default_factory=dict)
-    """Serve a model under another name, e.g. {"Qwen/Qwen3-8B": "tuneforge/tiny-qwen3"}."""
+    model_aliases: dict[str, str | ModelSpec] = Field(default_factory=dict)
+    """Serve a model under another name, e.g. {"Qwen/Qwen3-8B": "tuneforge/tiny-qwen3"}, or a
+    quantized one: {"smollm2-4bit": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "quantization": "nf4"}} (keys: model, quantization, double_quant, gradient_checkpointing)."""
     num_threads: int = Field(0, ge=0)
     """torch intra-op threads for the engine; 0 = all cores."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast for forward/backward (CPU and GPU). Never fp16 on CPU."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute dtype: bf16 autocast or fp32 for forward/backward and sampling (weights and
+    optimizer state stay fp32). auto: bf16 on CUDA or a CPU with AVX512-BF16/AMX, else fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass for every run (less memory, more compute;
+    same results). A run can ask for it alone with user_metadata gradient_checkpointing=true."""
     device: str = "auto"
     lora_alpha: float = Field(32.0, gt=0)
     """LoRA alpha; the scaling applied to an adapter of rank r is alpha / r (Tinker uses 32)."""

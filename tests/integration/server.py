@@ -41,8 +41,10 @@ class ServerProcess:
 
     def start(self, timeout: float = 300.0) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # fp32 unless a test asks otherwise: `--dtype auto` would pick bf16 on some CI-class
+        # CPUs and fp32 on others, and the tests compare numbers across runs.
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1", **self.extra_env}
+               "TRANSFORMERS_OFFLINE": "1", "TUNEFORGE_DTYPE": "fp32", **self.extra_env}
         cmd = [sys.executable, "-m", "tuneforge", "serve", "--port", str(self.port),
                "--data-dir", str(self.data_dir), "--models-dir", str(self.models_dir),
                "--threads", str(self.threads), "--log-level", "warning"]

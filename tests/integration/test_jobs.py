@@ -389,3 +389,61 @@ def test_distill_from_a_skill_alone(jobs_server):
     assert json.loads((out / "eval_report.json").read_text())["examples"] >= 1
     preview = api(jobs_server).get(f"/{job['id']}/preview").json()
     assert preview["total_examples"] == 6 and preview["examples"][0]["n_trained"] > 0
+
+
+def step_losses(job: dict) -> list[float]:
+    return [m["loss"] for m in rows(folder(job) / "metrics.jsonl") if "loss" in m]
+
+
+def test_gradient_accumulation_equals_one_big_batch(jobs_server):
+    """batch_size 2 x gradient_accumulation_steps 2 takes the same optimizer steps as batch_size
+    4: the same rows per step, the same summed gradient (DPO's mean loss is scaled by each
+    call's share), so the same losses after each update. The accumulated runs also turn on
+    gradient checkpointing, which must not change a result either."""
+    common = {"epochs": 1, "eval_split": 0.0, "eval_samples": 1, "lr_schedule": "constant"}
+    pairs = {}
+    for name in ("sft.yaml", "dpo.yaml"):
+        big = submit(jobs_server, example(name, **common, batch_size=4))
+        small = submit(jobs_server, example(name, **common, batch_size=2,
+                                            gradient_accumulation_steps=2,
+                                            gradient_checkpointing=True))
+        pairs[name] = (big, small)
+    for name, (big_id, small_id) in pairs.items():
+        big, small = wait(jobs_server, big_id), wait(jobs_server, small_id)
+        assert small["total_steps"] == big["total_steps"] == big["result"]["steps"] >= 2, name
+        big_losses, small_losses = step_losses(big), step_losses(small)
+        print(f"\n{name}: batch 4 losses {big_losses}\n{name}: 2 x 2 losses {small_losses}")
+        assert len(small_losses) == len(big_losses) == big["result"]["steps"]
+        # step 1 is before any update; step 2 onwards show the updates were the same
+        assert small_losses == pytest.approx(big_losses, abs=1e-5), name
+        assert small_losses[-1] != big_losses[0]  # (the adapter did move)
+
+
+def test_a_qlora_job_trains_on_the_4bit_base(jobs_server):
+    """`adapter: qlora` (the agent-skill spelling of quantization nf4): the training run and the
+    DPO reference are both on tuneforge/tiny-qwen3@nf4, so DPO starts at log 2 (the policy is
+    the reference); the runs carry gradient_checkpointing; the report's base is the 4-bit one."""
+    import tinker
+
+    spec = example("dpo.yaml", adapter="qlora", gradient_checkpointing=True)
+    del spec["quantization"]  # ("none" in the dumped example: it would contradict qlora)
+    job = wait(jobs_server, submit(jobs_server, spec))
+    result, out = job["result"], folder(job)
+    assert result["quantization"] == "nf4" and result["base_model"] == "tuneforge/tiny-qwen3"
+    assert "dpo job dpo on tuneforge/tiny-qwen3@nf4 started" in (out / "log.txt").read_text()
+    config = (out / "config.yaml").read_text()
+    assert "quantization: nf4" in config and "adapter" not in config
+    assert result["first_train_loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert result["last_train_loss"] < result["first_train_loss"]
+    rest = tinker.RestClient(base_url=jobs_server.base_url, api_key=jobs_server.api_key)
+    run = rest.get_training_run_by_tinker_path(result["state_path"]).result()
+    assert run.base_model == "tuneforge/tiny-qwen3@nf4"
+    assert run.user_metadata["gradient_checkpointing"] == "true"
+    assert run.user_metadata["job_id"] == job["id"]
+    evaluated = api(jobs_server).post(f"/{job['id']}/evaluate", json={"baseline": "base"}).json()
+    assert evaluated["baseline"]["name"] == "base (tuneforge/tiny-qwen3@nf4)"
+    # contradicting spellings are refused by field before anything runs
+    answer = api(jobs_server).post("", json=example("dpo.yaml", adapter="lora",
+                                                    quantization="nf4"))
+    assert answer.status_code == 400
+    assert {e["field"] for e in answer.json()["errors"]} == {"adapter", "quantization"}

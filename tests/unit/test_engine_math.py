@@ -116,7 +116,7 @@ def test_bf16_autocast_stays_close_to_fp32(registry):
     data = random_data(5, False)
     results = {}
     for precision in ("fp32", "bf16"):
-        eng = Engine(registry, Limits(), precision=precision)
+        eng = Engine(registry, Limits(), dtype=precision)
         tm = eng.create_model("p", MODEL, LoRAConfig(rank=4, alpha=32.0, seed=0))
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():

@@ -12,11 +12,11 @@ import pytest
 
 from tuneforge.errors import UserError
 from tuneforge.jobs import data, evaluate
-from tuneforge.jobs.loop import lr_at
-from tuneforge.jobs.model import default_learning_rate
+from tuneforge.jobs.loop import effective_batch, lr_at, micro_batches
+from tuneforge.jobs.model import default_learning_rate, served_base
 from tuneforge.jobs.rl import boxed_number, exact_match, load_grader
 from tuneforge.jobs.runner import preflight
-from tuneforge.jobs.spec import load_spec, parse_spec
+from tuneforge.jobs.spec import load_spec, parse_spec, spec_to_dict
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SFT = {"type": "sft", "base_model": "tuneforge/tiny-qwen3",
@@ -334,3 +334,237 @@ def test_preview_of_preference_and_rl_rows(tiny_tokenizer):
     skill_only = parse_spec({"type": "distill", "base_model": "tuneforge/tiny-qwen3",
                              "teacher": {"model": "m", "system_prompt": "s"}})
     assert preview(skill_only, tiny_tokenizer) == {"examples": [], "total_examples": 0}
+
+
+@pytest.mark.parametrize("given, quantization", [
+    ({}, "none"),
+    ({"quantization": "nf4"}, "nf4"),
+    ({"quantization": "int8"}, "int8"),
+    ({"adapter": "lora"}, "none"),
+    ({"adapter": "qlora"}, "nf4"),  # QLoRA: NF4 unless told otherwise
+    ({"adapter": "qlora", "quantization": "fp4"}, "fp4"),
+    ({"adapter": "qlora", "quant_bits": 8}, "int8"),
+    ({"quant_bits": 4}, "nf4"),
+    ({"quant_bits": 8}, "int8"),
+    ({"quant_bits": 4, "quantization": "fp4"}, "fp4"),
+    ({"adapter": "qlora", "quant_bits": 4, "quantization": "nf4"}, "nf4"),
+    ({"adapter": "lora", "quantization": "none"}, "none"),
+])
+def test_quantization_spellings_become_one_field(given, quantization):
+    """adapter / quant_bits are the agent-skill spellings: after validation `quantization` holds
+    the answer and they are gone, so config.yaml (and an atomic batch's tasks) carry one field."""
+    spec = parse_spec({**SFT, **given})
+    assert spec.quantization == quantization
+    assert spec.adapter is None and spec.quant_bits is None
+    dumped = spec_to_dict(spec)
+    assert dumped["quantization"] == quantization
+    assert "adapter" not in dumped and "quant_bits" not in dumped
+    assert parse_spec(dumped).quantization == quantization  # config.yaml reads back the same
+    assert served_base(spec) == ("tuneforge/tiny-qwen3" if quantization == "none"
+                                 else f"tuneforge/tiny-qwen3@{quantization}")
+
+
+@pytest.mark.parametrize("given, fields, words", [
+    ({"adapter": "lora", "quantization": "nf4"}, ["quantization", "adapter"],
+     "quantization: nf4 contradicts adapter: lora"),
+    ({"adapter": "qlora", "quantization": "none"}, ["quantization", "adapter"],
+     "quantization: none contradicts adapter: qlora"),
+    ({"quant_bits": 8, "quantization": "nf4"}, ["quantization", "quant_bits"],
+     "quantization: nf4 contradicts quant_bits: 8"),
+    ({"quant_bits": 4, "quantization": "int8"}, ["quantization", "quant_bits"],
+     "quantization: int8 contradicts quant_bits: 4"),
+    ({"adapter": "lora", "quant_bits": 4}, ["adapter", "quant_bits"],
+     "adapter: lora (a full-precision base) contradicts quant_bits: 4"),
+    ({"quant_bits": 6}, ["quant_bits"], "quant_bits must be 4 or 8, not 6"),
+    ({"quant_bits": 16}, ["quant_bits"], "less than or equal to 8"),
+    ({"quantization": "q3"}, ["quantization"], "Input should be 'none', 'nf4', 'fp4' or 'int8'"),
+    ({"adapter": "dora"}, ["adapter"], "Input should be 'lora' or 'qlora'"),
+])
+def test_contradicting_quantization_spellings_are_refused_by_field(given, fields, words):
+    with pytest.raises(UserError, match="invalid job config") as err:
+        parse_spec({**SFT, **given})
+    assert words in err.value.message
+    assert [f["field"] for f in err.value.fields] == fields  # the console marks each of them
+    assert all(words in f["message"] for f in err.value.fields)
+
+
+def test_quantization_reaches_the_tasks_of_an_atomic_batch():
+    from tuneforge.jobs.atomic import task_spec
+
+    parent = parse_spec({"type": "atomic", "base_model": "tuneforge/tiny-qwen3", "tasks": [],
+                         "adapter": "qlora", "gradient_accumulation_steps": 3,
+                         "gradient_checkpointing": True})
+    task = task_spec(parent, {"name": "t", "data": [{"prompt": "a", "response": "b"}],
+                              "gradient_accumulation_steps": 2})
+    assert (task.quantization, task.gradient_accumulation_steps,
+            task.gradient_checkpointing) == ("nf4", 2, True)
+
+
+def test_gradient_options():
+    spec = parse_spec(SFT)
+    assert (spec.gradient_accumulation_steps, spec.gradient_checkpointing) == (1, False)
+    with pytest.raises(UserError) as err:
+        parse_spec({**SFT, "gradient_accumulation_steps": 0})
+    assert err.value.fields == [{"field": "gradient_accumulation_steps",
+                                 "message": "Input should be greater than or equal to 1"}]
+    spec = parse_spec({**SFT, "batch_size": 3, "gradient_accumulation_steps": 2})
+    assert effective_batch(spec) == 6
+    assert micro_batches(spec, list(range(6))) == [[0, 1, 2], [3, 4, 5]]
+    assert micro_batches(spec, list(range(5))) == [[0, 1, 2], [3, 4]]  # an epoch's short tail
+
+
+def test_gradient_checkpointing_is_merged_into_the_job_metadata():
+    from tuneforge.jobs.context import JobContext
+
+    def meta(job_id, **change):
+        return JobContext(spec=parse_spec({**SFT, **change}), run=None, service=None,
+                          job_id=job_id).user_metadata
+
+    assert meta(None) is None and meta("job-1") == {"job_id": "job-1"}
+    assert meta("job-1", gradient_checkpointing=True) == {"job_id": "job-1",
+                                                          "gradient_checkpointing": "true"}
+    assert meta(None, gradient_checkpointing=True) == {"gradient_checkpointing": "true"}
+
+
+class RecordingClient:
+    """A training client that records the order of its calls (futures resolve at once)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _done(self, value):
+        return SimpleNamespace(result=lambda: value)
+
+    def forward_backward(self, data, loss_fn):
+        self.calls.append(("forward_backward", list(data)))
+        return self._done(SimpleNamespace(metrics={"loss:sum": float(len(data))}))
+
+    def optim_step(self, params):
+        self.calls.append(("optim_step", params.learning_rate))
+        return self._done(None)
+
+
+def test_an_accumulated_supervised_step_pipelines_its_calls():
+    """batch_size rows per forward_backward, all submitted before the one optim_step; the loss
+    is the per-example mean over the whole effective batch."""
+    from tuneforge.jobs.supervised import Supervised
+
+    ctx = SimpleNamespace(spec=parse_spec({**SFT, "batch_size": 2,
+                                           "gradient_accumulation_steps": 3}))
+    sup = Supervised(ctx, [], [])
+    sup.datums = [f"d{i}" for i in range(6)]
+    tc = RecordingClient()
+    out = sup.step(tc, [5, 0, 3, 1, 4], 0.1)
+    assert tc.calls == [("forward_backward", ["d5", "d0"]), ("forward_backward", ["d3", "d1"]),
+                        ("forward_backward", ["d4"]), ("optim_step", 0.1)]
+    assert out == {"loss": 1.0, "examples": 5}
+
+
+def test_accumulated_dpo_gradients_equal_one_call_over_the_effective_batch():
+    """compute_dpo_loss is a mean over its pairs: each call scales by its share of the step, so
+    the summed gradient (and the weighted metrics) are those of the whole batch at once."""
+    import torch
+
+    from tuneforge.jobs.dpo import Preference
+
+    torch.manual_seed(0)
+    pref = Preference(SimpleNamespace(spec=SimpleNamespace(dpo_beta=0.5)), [], [])
+    n_pairs, length = 4, 3
+    data = [SimpleNamespace(loss_fn_inputs={"weights": torch.tensor([0.0, 1.0, 1.0])})
+            for _ in range(2 * n_pairs)]
+    refs = [(float(torch.randn(())), float(torch.randn(()))) for _ in range(n_pairs)]
+    base = [torch.randn(length) for _ in range(2 * n_pairs)]
+
+    def grads(pair_groups):
+        logprobs = [t.clone().requires_grad_(True) for t in base]
+        metrics = []
+        for group in pair_groups:
+            rows = [r for p in group for r in (2 * p, 2 * p + 1)]
+            loss, m = pref._loss([refs[p] for p in group], len(group) / n_pairs)(
+                [data[r] for r in rows], [logprobs[r] for r in rows])
+            loss.backward()
+            metrics.append((len(group), m))
+        merged = {k: sum(n * m[k] for n, m in metrics) / n_pairs for k in ("dpo_loss",
+                                                                            "accuracy")}
+        return torch.stack([lp.grad for lp in logprobs]), merged
+
+    whole, whole_metrics = grads([[0, 1, 2, 3]])
+    split, split_metrics = grads([[0, 1], [2, 3]])
+    assert torch.allclose(whole, split, atol=1e-7)
+    assert split_metrics == pytest.approx(whole_metrics)
+
+
+def test_the_schema_shows_the_new_options():
+    from tuneforge.jobs.schema import schema
+
+    for entry in schema()["types"].values():
+        opts = {o["name"]: o for o in entry["options"]}
+        assert opts["quantization"] | {"help": ""} == {
+            "name": "quantization", "type": "enum", "default": "none", "required": False,
+            "help": "", "enum": ["none", "nf4", "fp4", "int8"], "minimum": None,
+            "maximum": None, "group": "model"}
+        assert opts["adapter"]["enum"] == ["lora", "qlora"] and opts["adapter"]["nullable"]
+        assert (opts["quant_bits"]["type"], opts["quant_bits"]["minimum"],
+                opts["quant_bits"]["maximum"]) == ("integer", 4, 8)
+        assert (opts["gradient_accumulation_steps"]["default"],
+                opts["gradient_accumulation_steps"]["minimum"]) == (1, 1)
+        assert opts["gradient_checkpointing"]["type"] == "boolean"
+        assert not opts["gradient_checkpointing"]["default"]
+
+
+def test_a_checkpoint_of_another_base_is_refused_for_a_quantized_job():
+    """A checkpoint trains on the base it was saved from: asking for nf4 on a full-precision
+    checkpoint would silently train on other weights."""
+    from tuneforge.jobs.loop import _check_checkpoint_base
+
+    def client(name):
+        return SimpleNamespace(get_info=lambda: SimpleNamespace(model_name=name))
+
+    nf4 = parse_spec({**SFT, "quantization": "nf4"})
+    _check_checkpoint_base(nf4, client("tuneforge/tiny-qwen3@nf4"))
+    _check_checkpoint_base(parse_spec(SFT), client("tuneforge/tiny-qwen3@nf4"))  # its own base
+    for other in ("tuneforge/tiny-qwen3", "tuneforge/tiny-qwen3@int8"):
+        with pytest.raises(UserError, match=f"trained on {other}, not on a nf4 base") as err:
+            _check_checkpoint_base(nf4, client(other))
+        assert [f["field"] for f in err.value.fields] == ["load_checkpoint_path",
+                                                          "quantization"]
+
+
+def test_an_accumulated_rl_step_samples_once_and_sends_one_call_per_batch():
+    """Every prompt of the step is sampled from the same weights; its groups go out batch_size
+    prompts per forward_backward (a group whose answers all got one reward is left out), then
+    one optim_step."""
+    from tuneforge.jobs.rl import Reinforce
+
+    answers = {0: ["4", "5"], 1: ["7", "7"], 2: ["1", "2"]}  # row 1: one reward, teaches nothing
+
+    class Sampler:
+        def sample(self, prompt, n, params):
+            row = prompt.to_ints()[0]
+            seqs = [SimpleNamespace(tokens=[ord(a)], logprobs=[-0.5]) for a in answers[row]]
+            return SimpleNamespace(result=lambda: SimpleNamespace(sequences=seqs))
+
+    class Client(RecordingClient):
+        def save_weights_and_get_sampling_client(self):
+            self.calls.append(("sampler", None))
+            return self._done(Sampler())
+
+        def forward_backward(self, data, loss_fn):
+            self.calls.append(("forward_backward", len(data)))
+            outputs = [{"logprobs": SimpleNamespace(tolist=lambda: [-0.5])} for _ in data]
+            return self._done(SimpleNamespace(metrics={"loss:sum": 1.0},
+                                              loss_fn_outputs=outputs))
+
+    spec = parse_spec({"type": "rl", "base_model": "m", "data": [{"prompt": "q", "answer": 4}],
+                       "batch_size": 2, "gradient_accumulation_steps": 2, "group_size": 2})
+    ctx = SimpleNamespace(spec=spec, progress=SimpleNamespace(step=0))
+    rl = Reinforce(ctx, [{"answer": "4"}, {"answer": "7"}, {"answer": "1"}], [])
+    rl.prompts = [[0], [1], [2]]
+    rl.renderer = SimpleNamespace(get_stop_sequences=lambda: [],
+                                  parse_response=lambda t: ({"content": chr(t[0])}, True))
+    tc = Client()
+    out = rl.step(tc, [0, 1, 2], 0.01)
+    assert tc.calls == [("sampler", None), ("forward_backward", 2), ("forward_backward", 2),
+                        ("optim_step", 0.01)]
+    assert out["trained_sequences"] == 4 and out["reward"] == pytest.approx(4 / 6)
+    assert out["loss"] == pytest.approx(2 / 4) and out["kl_sampler_trainer"] == 0.0

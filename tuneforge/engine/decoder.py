@@ -50,9 +50,9 @@ class _Pending:
 
 
 class Decoder:
-    def __init__(self, base: BaseModel, precision: str = "fp32", max_rows: int = 64) -> None:
+    def __init__(self, base: BaseModel, dtype: str = "fp32", max_rows: int = 64) -> None:
         self.base = base
-        self.precision = precision
+        self.dtype = dtype
         self.max_rows = max_rows
         self.pending: list[_Pending] = []
         self.cache: DynamicCache | None = None
@@ -69,7 +69,7 @@ class Decoder:
 
     def _autocast(self):
         return torch.autocast(self.base.device.type, dtype=torch.bfloat16,
-                              enabled=self.precision == "bf16")
+                              enabled=self.dtype == "bf16")
 
     @torch.no_grad()
     def admit(self, handle: Hashable, adapter: lora.Adapter | None,
@@ -208,9 +208,9 @@ def _pad_left(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
 
 
 def sample_alone(base: BaseModel, adapter: lora.Adapter | None, request: SampleRequest,
-                 precision: str = "fp32") -> SampleResult:
+                 dtype: str = "fp32") -> SampleResult:
     """Decode one request by itself (the same code path, a batch of one request)."""
-    decoder = Decoder(base, precision, max_rows=request.num_samples)
+    decoder = Decoder(base, dtype, max_rows=request.num_samples)
     decoder.admit(0, adapter, request)
     while True:
         for _, result in decoder.step():

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tuneforge.engine import decoder, lora, losses, passes, residency
+from tuneforge.engine import checkpointing, decoder, lora, losses, passes, residency
 from tuneforge.engine.models import BaseModel, ModelRegistry
 from tuneforge.engine.optim import AdamParams, AdamW
 from tuneforge.engine.sampler import SampleRequest, SampleResult
@@ -45,6 +45,7 @@ class TrainingModel:
     optimizer: AdamW | None
     config: lora.LoRAConfig
     steps: int = 0
+    gradient_checkpointing: bool = False  # asked for by this run (its base may ask for all)
     where: str = "device"  # "device" | "cpu" | "disk"
     nbytes: int = 0  # in memory, last measured (weights, gradients, optimizer state)
 
@@ -62,7 +63,7 @@ class Engine:
         registry: ModelRegistry,
         limits: Limits,
         max_lora_rank: int = 128,
-        precision: str = "fp32",
+        dtype: str = "fp32",
         spill_dir: Path | None = None,
         offload_dir: Path | None = None,
         adapter_memory_bytes: int = 4 << 30,
@@ -73,7 +74,7 @@ class Engine:
         registry.in_use = self._base_in_use
         self.limits = limits
         self.max_lora_rank = max_lora_rank
-        self.precision = precision
+        self.dtype = dtype  # compute dtype: fp32 | bf16 (autocast)
         self.models: dict[str, TrainingModel] = {}
         # Adapters in memory, within a byte budget (see residency.py). Evicted training models go
         # to `offload_dir`; evicted snapshot samplers to `spill_dir`; samplers of checkpoints or
@@ -88,8 +89,8 @@ class Engine:
 
     # ---- training models -------------------------------------------------------------------
 
-    def create_model(self, model_id: str, base_model: str,
-                     config: lora.LoRAConfig) -> TrainingModel:
+    def create_model(self, model_id: str, base_model: str, config: lora.LoRAConfig,
+                     gradient_checkpointing: bool = False) -> TrainingModel:
         if config.rank > self.max_lora_rank:
             raise LimitExceeded(
                 f"lora_config.rank {config.rank} exceeds the limit "
@@ -97,12 +98,18 @@ class Engine:
             )
         base = self.registry.get(base_model)
         adapter = lora.new_adapter(config, base.targets, base.model, base.device)
-        return self._add_model(model_id, base, adapter)
+        return self._add_model(model_id, base, adapter, gradient_checkpointing)
 
-    def _add_model(self, model_id: str, base: BaseModel, adapter: lora.Adapter) -> TrainingModel:
+    def _add_model(self, model_id: str, base: BaseModel, adapter: lora.Adapter,
+                   gradient_checkpointing: bool) -> TrainingModel:
         if model_id in self.models:
             raise UserError(f"model_id {model_id} already exists")
-        tm = TrainingModel(model_id, base, adapter, AdamW(adapter.parameters()), adapter.config)
+        if ((gradient_checkpointing or base.gradient_checkpointing)
+                and not checkpointing.supported(base.model)):
+            raise Unsupported(f"gradient_checkpointing: base model {base.name} ({base.arch}) has "
+                              "no decoder layers that can be checkpointed")
+        tm = TrainingModel(model_id, base, adapter, AdamW(adapter.parameters()), adapter.config,
+                           gradient_checkpointing=gradient_checkpointing)
         tm.nbytes = residency.training_bytes(adapter, tm.optimizer)
         self.models[model_id] = tm
         self.budget.add(("model", model_id), tm.nbytes)
@@ -235,7 +242,7 @@ class Engine:
         for name, items in by_base.items():
             base = self.registry.get(name)
             try:
-                results = passes.run(base, [job for _, job in items], self.precision)
+                results = passes.run(base, [job for _, job in items], self.dtype)
             except Exception as e:
                 if len(items) == 1:  # fails that request alone: other groups' results stand
                     logger.exception("pass of one request failed")
@@ -247,7 +254,7 @@ class Engine:
                     for _, job in items:
                         job.reset()
                         try:
-                            results.append(passes.run(base, [job], self.precision)[0])
+                            results.append(passes.run(base, [job], self.dtype)[0])
                         except Exception as alone:  # reported to that request alone
                             results.append(alone)
             for (i, _), result in zip(items, results, strict=True):
@@ -261,7 +268,8 @@ class Engine:
         spec = losses.get_loss(inp.loss_fn)
         config = losses.resolve_config(spec, inp.loss_fn, inp.loss_fn_config)
         rows = self._to_tensors(tm.base, inp.data, spec, inp.loss_fn)
-        return tm.base, passes.Job(tm.adapter, rows, spec, config, inp.forward_only)
+        return tm.base, passes.Job(tm.adapter, rows, spec, config, inp.forward_only,
+                                   checkpoint=tm.gradient_checkpointing)
 
     def optim_step(self, model_id: str, hp: AdamParams) -> dict[str, float]:
         tm = self.model(model_id)
@@ -287,27 +295,30 @@ class Engine:
         cfg = tm.adapter.config
         meta = {
             "training_run_id": model_id, "kind": kind, "name": name, "step": tm.steps,
-            "base_model": tm.base.name, "created": dt.datetime.now(dt.UTC).isoformat(),
+            "base_model": tm.base.name, "quantization": tm.base.quantization,
+            "created": dt.datetime.now(dt.UTC).isoformat(),
             "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "train_attn": cfg.train_attn,
                      "train_mlp": cfg.train_mlp, "train_unembed": cfg.train_unembed,
                      "seed": cfg.seed},
             "user_metadata": dict(user_metadata or {}),
         }
-        adapter_config = checkpoints.peft_adapter_config(
-            tm.base.name, cfg.rank, cfg.alpha, list(tm.adapter.A))
+        adapter_config = checkpoints.peft_adapter_config(  # a 4-bit base: the model PEFT loads
+            self.registry.spec(tm.base.name).model if tm.base.quantization else tm.base.name,
+            cfg.rank, cfg.alpha, list(tm.adapter.A))
         optimizer_state = tm.optimizer.state_dict() if kind == "weights" else None
         return checkpoints.save(folder, tm.adapter.A, tm.adapter.B, adapter_config, meta,
                                 optimizer_state)
 
     def load_model(self, model_id: str, folder: Path, with_optimizer: bool,
-                   base_model: str | None = None) -> TrainingModel:
+                   base_model: str | None = None,
+                   gradient_checkpointing: bool = False) -> TrainingModel:
         ckpt = checkpoints.load(folder, with_optimizer=with_optimizer)
         name = ckpt.metadata.get("base_model") or ckpt.adapter_config["base_model_name_or_path"]
         if base_model and base_model != name:
             raise UserError(f"base_model {base_model!r} does not match the checkpoint's {name!r}")
         base = self.registry.get(name)
         adapter = self._adapter_from(base, ckpt, trainable=True)
-        tm = self._add_model(model_id, base, adapter)
+        tm = self._add_model(model_id, base, adapter, gradient_checkpointing)
         if with_optimizer:
             if ckpt.optimizer_state is None:
                 raise UserError(f"checkpoint {folder.name} has no optimizer state")
@@ -417,7 +428,7 @@ class Engine:
     def sample(self, sampler_id: str, request: SampleRequest) -> SampleResult:
         """Serve one request by itself (tests, tools); the server decodes through `admit`."""
         weights = self._sampler(sampler_id, request)
-        return decoder.sample_alone(weights.base, weights.adapter, request, self.precision)
+        return decoder.sample_alone(weights.base, weights.adapter, request, self.dtype)
 
     def admit(self, handle: Hashable, sampler_id: str, request: SampleRequest) -> str:
         """Start decoding `request` in its base model's running batch; returns that base's name.
@@ -427,7 +438,7 @@ class Engine:
         weights = self._sampler(sampler_id, request)
         name = weights.base.name
         if name not in self.decoders:
-            self.decoders[name] = decoder.Decoder(weights.base, self.precision,
+            self.decoders[name] = decoder.Decoder(weights.base, self.dtype,
                                                   self.max_decode_rows)
         self.decoders[name].admit(handle, weights.adapter, request)
         return name

@@ -103,10 +103,13 @@ class Segment:
 
 
 class Router:
-    """The routing of the forward pass in progress; set by `activate`, read by every layer."""
+    """The routing of the forward pass in progress; set by `activate`, read by every layer.
+    `checkpoint` asks the decoder layers to recompute activations in the backward pass
+    (engine/checkpointing.py)."""
 
     def __init__(self) -> None:
         self.segments: list[Segment] = []
+        self.checkpoint = False
 
 
 class LoRALinear(nn.Module):
@@ -217,7 +220,7 @@ def new_adapter(
             )
         for path in targets[group]:
             base = model.get_submodule(path).base
-            out_f, in_f = base.weight.shape
+            out_f, in_f = base.out_features, base.in_features  # (a quantized weight is packed)
             bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform(a=sqrt(5)) on a [r, in] matrix
             a = (torch.rand(config.rank, in_f, generator=gen, dtype=torch.float32) * 2 - 1) * bound
             adapter.A[path] = a.to(device).requires_grad_(True)
@@ -226,14 +229,15 @@ def new_adapter(
 
 
 @contextlib.contextmanager
-def activate(router: Router, segments: list[Segment]) -> Iterator[None]:
+def activate(router: Router, segments: list[Segment], checkpoint: bool = False
+             ) -> Iterator[None]:
     """Route the forward passes inside the block; the previous routing is restored after."""
-    previous = router.segments
-    router.segments = segments
+    previous = router.segments, router.checkpoint
+    router.segments, router.checkpoint = segments, checkpoint
     try:
         yield
     finally:
-        router.segments = previous
+        router.segments, router.checkpoint = previous
 
 
 def merge_into(model: nn.Module, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor],

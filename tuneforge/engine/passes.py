@@ -41,6 +41,7 @@ class Job:
     spec: losses.LossSpec
     config: Mapping[str, float]
     forward_only: bool
+    checkpoint: bool = False  # gradient checkpointing asked for by this request's run
     outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     loss: float = 0.0
     grads: list[torch.Tensor | None] = field(default_factory=list)
@@ -54,10 +55,10 @@ class Job:
         self.grads = [None] * len(self.adapter.parameters())
 
 
-def run(base: BaseModel, jobs: list[Job], precision: str) -> list[ForwardBackwardResult]:
+def run(base: BaseModel, jobs: list[Job], dtype: str) -> list[ForwardBackwardResult]:
     """Run `jobs` (distinct adapters of `base`) in shared passes; commit each job's gradient."""
     for pass_ in _plan(jobs):
-        _run_pass(base, pass_, precision)
+        _run_pass(base, pass_, dtype)
     results = []
     for job in jobs:
         if not math.isfinite(job.loss):
@@ -96,15 +97,26 @@ def _plan(jobs: list[Job]) -> list[list[tuple[Job, list[Row]]]]:
     return passes
 
 
-def _run_pass(base: BaseModel, pieces: list[tuple[Job, list[Row]]], precision: str) -> None:
+def _run_pass(base: BaseModel, pieces: list[tuple[Job, list[Row]]], dtype: str) -> None:
     rows = [row for _, piece in pieces for row in piece]
     segments, start = [], 0
     for job, piece in pieces:
         segments.append(lora.Segment(job.adapter, start, start + len(piece)))
         start += len(piece)
     backward = [job for job, _ in pieces if not job.forward_only]
-    with torch.set_grad_enabled(bool(backward)):
-        lps, elementwise = _losses(base, rows, segments, pieces, precision)
+    checkpoint = bool(backward) and (base.gradient_checkpointing
+                                     or any(job.checkpoint for job in backward))
+    # The routing stays active through the backward pass: checkpointed layers recompute their
+    # forward (LoRA deltas included) there.
+    with lora.activate(base.router, segments, checkpoint):
+        with torch.set_grad_enabled(bool(backward)):
+            lps, elementwise = _losses(base, rows, pieces, dtype)
+        _collect(pieces, lps, elementwise, backward)
+
+
+def _collect(pieces: list[tuple[Job, list[Row]]], lps: list, elementwise: list,
+             backward: list[Job]) -> None:
+    """Each job's outputs and loss from the pass; the gradients of the jobs that train."""
     offset = 0
     item_losses = []
     for job, piece in pieces:
@@ -129,14 +141,12 @@ def _run_pass(base: BaseModel, pieces: list[tuple[Job, list[Row]]], precision: s
                 job.grads[i] = g if job.grads[i] is None else job.grads[i] + g
 
 
-def _losses(base: BaseModel, rows: list[Row], segments: list[lora.Segment],
-            pieces: list[tuple[Job, list[Row]]], precision: str):
+def _losses(base: BaseModel, rows: list[Row], pieces: list[tuple[Job, list[Row]]], dtype: str):
     tokens = torch.nn.utils.rnn.pad_sequence([t for t, _ in rows], batch_first=True)
     # Right padding needs no attention mask: causal attention never looks ahead, so real
     # positions are unaffected by the padding after them.
-    autocast = torch.autocast(base.device.type, dtype=torch.bfloat16,
-                              enabled=precision == "bf16")
-    with lora.activate(base.router, segments), autocast:
+    autocast = torch.autocast(base.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    with autocast:
         logits = base.model(input_ids=tokens, use_cache=False).logits
     logits = logits.float()
     if all(inputs["target_tokens"].ndim == 1 for _, inputs in rows):

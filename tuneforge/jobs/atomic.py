@@ -35,8 +35,9 @@ from tuneforge.jobs.spec import (
 from tuneforge.jobs.supervised import Supervised, preview_chat, train_supervised
 
 DONE = ("completed", "failed")
-TASK_OVERRIDES = ("learning_rate", "lora_rank", "epochs", "batch_size", "patience", "min_delta",
-                  "eval_split", "eval_every", "max_length", "seed")
+TASK_OVERRIDES = ("learning_rate", "lora_rank", "epochs", "batch_size",
+                  "gradient_accumulation_steps", "patience", "min_delta", "eval_split",
+                  "eval_every", "max_length", "seed")
 
 
 class AtomicSpec(Common):

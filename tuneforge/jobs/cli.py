@@ -130,7 +130,10 @@ def _train(spec, out: Path, url: str, key: str | None) -> int:
 
 
 def summary_text(result: dict, out: Path) -> str:
-    lines = [f"\n{result['type']} job {result.get('name')} on {result['base_model']}: "
+    from tuneforge.quantization import served_name
+
+    base = served_name(result["base_model"], result.get("quantization"))
+    lines = [f"\n{result['type']} job {result.get('name')} on {base}: "
              f"{result.get('wall_seconds')} s", f"  {'folder':16s} {out}"]
     for key in ("steps", "epochs_trained", "early_stopped", "best_epoch", "learning_rate",
                 "first_train_loss", "last_train_loss", "first_reward", "last_reward", "tasks",

@@ -2,7 +2,9 @@
 
 A job talks to a tuneforge server only through the `tinker` SDK, exactly like a user's script.
 Its training clients carry `user_metadata={"job_id": ...}` when the job has an id (a job run by
-the server), so the server's run list links each training run to the job that made it.
+the server), so the server's run list links each training run to the job that made it, and
+`"gradient_checkpointing": "true"` when the job asks for it (nothing when it does not, so the
+server's own setting applies).
 """
 
 from __future__ import annotations
@@ -68,8 +70,12 @@ class JobContext:
 
     @property
     def user_metadata(self) -> dict[str, str] | None:
-        """What the job's training clients carry, so the server links its runs to the job."""
-        return {"job_id": self.job_id} if self.job_id else None
+        """What the job's training clients carry: its id, so the server links its runs to the
+        job, and the per-run switches the server reads from user_metadata."""
+        meta = {"job_id": self.job_id} if self.job_id else {}
+        if getattr(self.spec, "gradient_checkpointing", False):
+            meta["gradient_checkpointing"] = "true"
+        return meta or None
 
     def close(self, status: str) -> None:
         """End this context's SDK session: the server frees its training models and samplers

@@ -29,7 +29,7 @@ from tuneforge.jobs import data, evaluate
 from tuneforge.jobs.context import JobContext
 from tuneforge.jobs.jobtype import JobType, PreviewRow
 from tuneforge.jobs.loop import conclude, train_loop
-from tuneforge.jobs.model import renderer_for
+from tuneforge.jobs.model import renderer_for, served_base
 from tuneforge.jobs.spec import Common, DataSource, OptionError, Strict, option, resolve_path
 from tuneforge.jobs.supervised import Supervised, preview_chat
 
@@ -254,8 +254,9 @@ class Distill(JobType):
         examples = sup.held_out or sup.train[: max(spec.eval_samples, 1)]
 
         def base_model_loss(report: dict) -> None:
-            # how well the base model (the student before training) matches the teacher
-            base = ctx.service.create_sampling_client(base_model=spec.base_model).result()
+            # how well the base model (the student before training, on its quantized copy when
+            # it trains on one) matches the teacher
+            base = ctx.service.create_sampling_client(base_model=served_base(spec)).result()
             report["base_model_loss"] = sup.report(base, examples)["loss"]
 
         out = conclude(ctx, result, sup, examples, bool(sup.held_out), more=base_model_loss)

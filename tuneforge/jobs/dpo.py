@@ -1,6 +1,11 @@
 """Direct Preference Optimization through `forward_backward_custom`, with the cookbook's
-`compute_dpo_loss`. The reference model is the base model: its log-probabilities of every chosen
-and rejected answer are computed once, through a sampling client, before training starts."""
+`compute_dpo_loss`. The reference model is the base model (its quantized copy when the job trains
+on one, so the policy starts at the reference): its log-probabilities of every chosen and
+rejected answer are computed once, through a sampling client, before training starts.
+
+`compute_dpo_loss` is a mean over the pairs of its call, so each forward_backward of an
+accumulated step scales its loss by its share of the effective batch: the summed gradient is
+that of the mean over the whole effective batch."""
 
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ from tinker import types
 from tuneforge.jobs import data, evaluate
 from tuneforge.jobs.context import JobContext
 from tuneforge.jobs.jobtype import JobType, PreviewRow
-from tuneforge.jobs.loop import adam, conclude, train_loop
-from tuneforge.jobs.model import renderer_for
+from tuneforge.jobs.loop import adam, conclude, micro_batches, train_loop
+from tuneforge.jobs.model import renderer_for, served_base
 from tuneforge.jobs.spec import Common, DataSource, option
 from tuneforge.jobs.supervised import preview_chat
 
@@ -59,7 +64,8 @@ class Preference:
         name, self.renderer = renderer_for(spec, tc)
         self.pairs = [self._pair(ex) for ex in self.train]
         self.eval_pairs = [self._pair(ex) for ex in self.held_out]
-        reference = self.ctx.service.create_sampling_client(base_model=spec.base_model).result()
+        reference = self.ctx.service.create_sampling_client(
+            base_model=served_base(spec)).result()
         self.ref = self._reference(reference, self.pairs)
         self.eval_ref = self._reference(reference, self.eval_pairs)
         self.ctx.run.log(f"renderer {name}; {len(self.pairs)} training and "
@@ -77,7 +83,9 @@ class Preference:
             out.append(tuple(_weighted(fut.result()[1:], d) for d, fut in ((c, fc), (r, fr))))
         return out
 
-    def _loss(self, refs):
+    def _loss(self, refs, share: float = 1.0):
+        """The DPO loss of these pairs, times `share` (their fraction of the step's pairs); the
+        metrics stay those of these pairs alone."""
         beta = self.ctx.spec.dpo_beta
 
         def loss_fn(data, logprobs_list):
@@ -85,17 +93,24 @@ class Preference:
 
             weights = [torch.tensor(d.loss_fn_inputs["weights"].tolist()) for d in data]
             sums = [(lp * w).sum() for lp, w in zip(logprobs_list, weights, strict=True)]
-            return compute_dpo_loss(sums[0::2], sums[1::2],
-                                    [torch.tensor(c) for c, _ in refs],
-                                    [torch.tensor(r) for _, r in refs], beta)
+            loss, metrics = compute_dpo_loss(sums[0::2], sums[1::2],
+                                             [torch.tensor(c) for c, _ in refs],
+                                             [torch.tensor(r) for _, r in refs], beta)
+            return loss * share, metrics
         return loss_fn
 
     def step(self, tc, indices: list[int], lr: float) -> dict:
-        data = [d for i in indices for d in self.pairs[i]]
-        fb = tc.forward_backward_custom(data, self._loss([self.ref[i] for i in indices]))
+        calls = []
+        for batch in micro_batches(self.ctx.spec, indices):
+            data = [d for i in batch for d in self.pairs[i]]
+            loss_fn = self._loss([self.ref[i] for i in batch], len(batch) / len(indices))
+            calls.append((len(batch), tc.forward_backward_custom(data, loss_fn)))
         tc.optim_step(adam(lr)).result()
-        m = fb.result().metrics
-        return {"loss": m["dpo_loss"], "accuracy": m["accuracy"], "margin": m["margin"]}
+        done = [(n, fut.result().metrics) for n, fut in calls]
+        # each call's metrics are means over its pairs: weigh them by their pairs
+        return {name: sum(n * m[key] for n, m in done) / len(indices)
+                for name, key in (("loss", "dpo_loss"), ("accuracy", "accuracy"),
+                                  ("margin", "margin"))}
 
     def scores(self, sampler, pairs, refs) -> dict:
         """DPO loss, preference accuracy and margin of the weights behind `sampler`."""
@@ -117,7 +132,8 @@ class Preference:
     def report(self, sampler, examples: list[dict]) -> dict:
         spec = self.ctx.spec
         pairs = [self._pair(ex) for ex in examples]
-        reference = self.ctx.service.create_sampling_client(base_model=spec.base_model).result()
+        reference = self.ctx.service.create_sampling_client(
+            base_model=served_base(spec)).result()
         report = {"examples": len(pairs),
                   **self.scores(sampler, pairs, self._reference(reference, pairs))}
         shown = examples[: spec.eval_samples]

@@ -6,6 +6,14 @@ of more than `min_delta`; checkpoints every `save_every` steps (or each epoch) t
 loop's own state, so a job restarted on the same folder continues from its last checkpoint
 (weights and optimizer state, step, early-stopping state, history) and a server restart loses at
 most `save_every` steps.
+
+A step is one optimizer step over `batch_size x gradient_accumulation_steps` rows (the effective
+batch), sent as `gradient_accumulation_steps` forward_backward calls of `batch_size` rows whose
+gradients the server sums before the optim_step; steps per epoch, the learning-rate schedule,
+evaluation and checkpoint intervals and progress all count optimizer steps. The summed gradient
+is the one a single call over the effective batch would give: losses that are sums over rows
+(cross-entropy with per-example weights, the RL losses) need nothing more, and a mean over the
+call's rows (DPO) is scaled by the call's share of the step.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ from typing import Any
 import httpx
 from tinker import types
 
+from tuneforge import quantization
+from tuneforge.errors import UserError
 from tuneforge.jobs.context import JobContext
-from tuneforge.jobs.model import default_learning_rate
+from tuneforge.jobs.model import default_learning_rate, served_base
 
 
 def lr_at(spec, base_lr: float, step: int, total: int) -> float:
@@ -34,6 +44,38 @@ def lr_at(spec, base_lr: float, step: int, total: int) -> float:
 
 def adam(lr: float) -> types.AdamParams:
     return types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8)
+
+
+def effective_batch(spec) -> int:
+    """Rows per optimizer step: batch_size rows in each of gradient_accumulation_steps calls."""
+    return spec.batch_size * spec.gradient_accumulation_steps
+
+
+def micro_batches(spec, items: list) -> list[list]:
+    """An optimizer step's rows as the forward_backward calls that send them: batch_size each
+    (the last one of an epoch's short last step may hold fewer)."""
+    return [items[i:i + spec.batch_size] for i in range(0, len(items), spec.batch_size)]
+
+
+def _check_checkpoint_base(spec, tc) -> None:
+    """A checkpoint trains on the base it was saved from; a job that asks for a quantization the
+    checkpoint's base does not have would silently train on other weights, so it is refused."""
+    if spec.quantization == "none":
+        return  # the checkpoint's own base, whatever it is (as before quantized bases existed)
+    name = getattr(tc.get_info(), "model_name", None)
+    if not name:
+        return
+    try:
+        _, has = quantization.split(name)
+    except UserError:  # an "@" of the name's own, not a quantization
+        has = None
+    if has != spec.quantization:
+        message = (f"the checkpoint was trained on {name}, not on a {spec.quantization} base; "
+                   f"this job asks for {served_base(spec)} (drop quantization, or start from a "
+                   f"checkpoint of a {spec.quantization} run)")
+        raise UserError(f"load_checkpoint_path: {message}",
+                        fields=[{"field": "load_checkpoint_path", "message": message},
+                                {"field": "quantization", "message": message}])
 
 
 @dataclass
@@ -62,10 +104,11 @@ def _training_client(ctx: JobContext, tag: str):
     if spec.load_checkpoint_path:
         tc = ctx.service.create_training_client_from_state(spec.load_checkpoint_path,
                                                            user_metadata=meta).result()
+        _check_checkpoint_base(spec, tc)
         run.log(f"{tag}starting from {spec.load_checkpoint_path}")
     else:
         tc = ctx.service.create_lora_training_client(
-            base_model=spec.base_model, rank=spec.lora_rank, seed=spec.seed,
+            base_model=served_base(spec), rank=spec.lora_rank, seed=spec.seed,
             user_metadata=meta).result()
     return tc, {"step": 0, "best": None, "best_step": None, "best_epoch": None, "bad_evals": 0,
                 "best_sampler": None, "best_state": None, "history": [], "epoch_losses": [],
@@ -79,8 +122,9 @@ def train_loop(ctx: JobContext, n_train: int | Callable[[], int], step_fn, eval_
 
     `setup(tc)` runs once the training client exists (before any step); `n_train` is the number
     of training rows, or a function giving it once `setup` has run (when setup makes the rows);
-    `step_fn(tc, indices, lr) -> dict` runs one optimizer step on those training rows and
-    returns metrics including `train_key`; `eval_fn(tc) -> dict` returns metrics including
+    `step_fn(tc, indices, lr) -> dict` runs one optimizer step on those training rows (the
+    effective batch; `micro_batches` splits it into its forward_backward calls) and returns
+    metrics including `train_key`; `eval_fn(tc) -> dict` returns metrics including
     `eval_name`, where lower is better unless `maximize`."""
     spec, run = ctx.spec, ctx.run
     tc, loop = _training_client(ctx, tag)
@@ -92,12 +136,14 @@ def train_loop(ctx: JobContext, n_train: int | Callable[[], int], step_fn, eval_
     if not (run.path / "model.json").exists():
         info = tc.get_info()
         run.write("model.json", {"base_model": spec.base_model,
+                                 "quantization": spec.quantization,
                                  "tokenizer_id": info.model_data.tokenizer_id,
                                  "lora_rank": info.lora_rank})
     if setup:
         setup(tc)
     n_train = n_train() if callable(n_train) else n_train
-    steps_per_epoch = math.ceil(n_train / spec.batch_size)
+    per_step = effective_batch(spec)
+    steps_per_epoch = math.ceil(n_train / per_step)
     total = steps_per_epoch * spec.epochs
     ctx.progress.total_steps, ctx.progress.step = total, loop["step"]
     ctx.progress.first_step = loop["step"]
@@ -120,7 +166,7 @@ def train_loop(ctx: JobContext, n_train: int | Callable[[], int], step_fn, eval_
         epoch, b = divmod(step, steps_per_epoch)
         order = list(range(n_train))
         random.Random(spec.seed * 1_000_003 + epoch).shuffle(order)
-        indices = order[b * spec.batch_size:(b + 1) * spec.batch_size]
+        indices = order[b * per_step:(b + 1) * per_step]
         lr = lr_at(spec, loop["base_lr"], step, total)
         metrics = step_fn(tc, indices, lr)
         step += 1

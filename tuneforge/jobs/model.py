@@ -1,5 +1,6 @@
-"""Facts about the base model a job trains: its default learning rate and its renderer (chat
-template), both as the cookbook chooses them."""
+"""Facts about the base model a job trains: the name the server serves it under (with its
+quantization), its default learning rate and its renderer (chat template), both as the cookbook
+chooses them (from the plain model name: a quantized copy has the same tokenizer and family)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from pathlib import Path
 
 from tinker import types
 
+from tuneforge import quantization
 from tuneforge.errors import UserError
+
+
+def served_base(spec) -> str:
+    """The base model as the server serves it for this job: `BASE@nf4` etc. when the job trains
+    on a quantized copy. Its training client and every sampler of the base model (a DPO
+    reference, a report's base comparison) use it, so they see the weights the adapter sits on;
+    renderer and learning-rate lookups keep the plain `spec.base_model`."""
+    return quantization.served_name(spec.base_model, spec.quantization)
 
 
 def default_learning_rate(base_model: str, info: types.GetInfoResponse | None) -> float:

@@ -11,7 +11,7 @@ import yaml
 from tuneforge.errors import UserError
 from tuneforge.jobs import evaluate
 from tuneforge.jobs.context import JobContext
-from tuneforge.jobs.model import pick_renderer
+from tuneforge.jobs.model import pick_renderer, served_base
 from tuneforge.jobs.registry import job_type
 from tuneforge.jobs.rundir import RunDir
 from tuneforge.jobs.spec import parse_spec
@@ -56,8 +56,9 @@ def evaluate_run(service, folder: Path, *, data_source=None, baseline: str | Non
     out = {"adapter": sampler_path, "examples": len(examples), "report": job_report}
     if baseline:
         if baseline == "base":
-            other = service.create_sampling_client(base_model=spec.base_model).result()
-            name = f"base ({spec.base_model})"
+            # the weights the adapter sits on: the quantized copy when the job trained on one
+            other = service.create_sampling_client(base_model=served_base(spec)).result()
+            name = f"base ({served_base(spec)})"
         else:
             b_folder, b_path = _adapter_of(baseline_folder, None)
             b_model = json.loads((b_folder / "model.json").read_text())["base_model"]

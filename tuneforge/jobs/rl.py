@@ -28,7 +28,7 @@ from tuneforge.errors import UserError
 from tuneforge.jobs import data, evaluate
 from tuneforge.jobs.context import JobContext
 from tuneforge.jobs.jobtype import JobType, PreviewRow, blame
-from tuneforge.jobs.loop import adam, conclude, train_loop
+from tuneforge.jobs.loop import adam, conclude, micro_batches, train_loop
 from tuneforge.jobs.model import renderer_for
 from tuneforge.jobs.spec import Common, DataSource, option, resolve_path
 
@@ -56,7 +56,9 @@ class RLSpec(Common):
     loss_fn: Literal["importance_sampling", "ppo"] = option(
         "importance_sampling", "the policy-gradient loss: importance_sampling or ppo (clipped)",
         group="rl")
-    batch_size: int = option(4, "prompts per step", group="training", ge=1, le=1024)
+    batch_size: int = option(4, "prompts per forward_backward call (per step unless "
+                             "gradient_accumulation_steps is set)", group="training", ge=1,
+                             le=1024)
 
 
 def exact_match(response: str, answer: str) -> float:
@@ -121,56 +123,78 @@ class Reinforce:
                          f"{len(self.held_out)} held-out prompts; grader {spec.grader}")
 
     def step(self, tc, indices: list[int], lr: float) -> dict:
+        """Every prompt of the step sampled from the current weights at once (on-policy for
+        the whole effective batch), then one forward_backward per `batch_size` prompts: the
+        loss is a sum over tokens, so those calls add up to the gradient of one over all."""
         spec = self.ctx.spec
         sampler = tc.save_weights_and_get_sampling_client().result()
+        futures = dict(zip(indices, self._sample(sampler, indices), strict=True))
+        rewards, calls = [], []
+        for batch in micro_batches(spec, indices):
+            data, sampled = [], []
+            for i in batch:
+                group_data, group_sampled, group_rewards = self._group(
+                    i, futures[i].result().sequences)
+                data += group_data
+                sampled += group_sampled
+                rewards += group_rewards
+            if data:
+                calls.append((sampled, tc.forward_backward(data, spec.loss_fn)))
+        metrics = {"reward": sum(rewards) / len(rewards),
+                   "accuracy": sum(r >= 1.0 for r in rewards) / len(rewards),
+                   "trained_sequences": sum(len(sampled) for sampled, _ in calls)}
+        if not calls:
+            return {**metrics, "loss": 0.0, "kl_sampler_trainer": 0.0}
+        tc.optim_step(adam(lr)).result()
+        loss, diffs = 0.0, []
+        for sampled, fut in calls:
+            out = fut.result()
+            loss += out.metrics["loss:sum"]
+            for (n_prompt, sampler_lp), o in zip(sampled, out.loss_fn_outputs, strict=True):
+                trainer_lp = o["logprobs"].tolist()[n_prompt:]
+                diffs.extend(s - t for s, t in zip(sampler_lp, trainer_lp, strict=True))
+        return {**metrics, "loss": loss / max(len(diffs), 1),
+                "kl_sampler_trainer": sum(diffs) / len(diffs),
+                "max_abs_logprob_diff": max(abs(d) for d in diffs)}
+
+    def _sample(self, sampler, indices: list[int]) -> list:
+        """A group of answers for each prompt (futures), seeded by step and row."""
+        spec = self.ctx.spec
         step_no = self.ctx.progress.step
-        futures = [sampler.sample(
+        return [sampler.sample(
             types.ModelInput.from_ints(self.prompts[i]), spec.group_size,
             types.SamplingParams(max_tokens=spec.max_tokens, temperature=spec.temperature,
                                  stop=self.renderer.get_stop_sequences(),
                                  seed=spec.seed * 1_000_003 + step_no * 1009 + i))
             for i in indices]
-        data, sampled, rewards = [], [], []
-        for i, fut in zip(indices, futures, strict=True):
-            seqs = fut.result().sequences
-            group = [self.grade(evaluate.text_of(self.renderer.parse_response(s.tokens)[0]),
-                                self.train[i]["answer"]) for s in seqs]
-            rewards.extend(group)
-            mean = sum(group) / len(group)
-            if all(abs(r - mean) < 1e-9 for r in group):
+
+    def _group(self, i: int, seqs) -> tuple[list[types.Datum], list, list[float]]:
+        """(datums, [(prompt length, sampler logprobs)], rewards) of row i's sampled group; no
+        datums when every answer got the same reward (the group teaches nothing)."""
+        group = [self.grade(evaluate.text_of(self.renderer.parse_response(s.tokens)[0]),
+                            self.train[i]["answer"]) for s in seqs]
+        mean = sum(group) / len(group)
+        if all(abs(r - mean) < 1e-9 for r in group):
+            return [], [], group
+        prompt = self.prompts[i]
+        data, sampled = [], []
+        for seq, reward in zip(seqs, group, strict=True):
+            if not seq.tokens:
                 continue
-            prompt = self.prompts[i]
-            for seq, reward in zip(seqs, group, strict=True):
-                if not seq.tokens:
-                    continue
-                tokens = prompt + list(seq.tokens)
-                n_prompt = len(prompt) - 1
-                data.append(types.Datum(
-                    model_input=types.ModelInput.from_ints(tokens[:-1]),
-                    loss_fn_inputs={
-                        "target_tokens": types.TensorData.from_torch(torch.tensor(tokens[1:])),
-                        "logprobs": types.TensorData.from_torch(torch.tensor(
-                            [0.0] * n_prompt + list(seq.logprobs), dtype=torch.float32)),
-                        "advantages": types.TensorData.from_torch(torch.tensor(
-                            [0.0] * n_prompt + [reward - mean] * len(seq.tokens),
-                            dtype=torch.float32)),
-                    }))
-                sampled.append((n_prompt, list(seq.logprobs)))
-        metrics = {"reward": sum(rewards) / len(rewards),
-                   "accuracy": sum(r >= 1.0 for r in rewards) / len(rewards),
-                   "trained_sequences": len(data)}
-        if not data:
-            return {**metrics, "loss": 0.0, "kl_sampler_trainer": 0.0}
-        fb = tc.forward_backward(data, spec.loss_fn)
-        tc.optim_step(adam(lr)).result()
-        out = fb.result()
-        diffs = []
-        for (n_prompt, sampler_lp), o in zip(sampled, out.loss_fn_outputs, strict=True):
-            trainer_lp = o["logprobs"].tolist()[n_prompt:]
-            diffs.extend(s - t for s, t in zip(sampler_lp, trainer_lp, strict=True))
-        return {**metrics, "loss": out.metrics["loss:sum"] / max(len(diffs), 1),
-                "kl_sampler_trainer": sum(diffs) / len(diffs),
-                "max_abs_logprob_diff": max(abs(d) for d in diffs)}
+            tokens = prompt + list(seq.tokens)
+            n_prompt = len(prompt) - 1
+            data.append(types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={
+                    "target_tokens": types.TensorData.from_torch(torch.tensor(tokens[1:])),
+                    "logprobs": types.TensorData.from_torch(torch.tensor(
+                        [0.0] * n_prompt + list(seq.logprobs), dtype=torch.float32)),
+                    "advantages": types.TensorData.from_torch(torch.tensor(
+                        [0.0] * n_prompt + [reward - mean] * len(seq.tokens),
+                        dtype=torch.float32)),
+                }))
+            sampled.append((n_prompt, list(seq.logprobs)))
+        return data, sampled, group
 
     def report(self, sampler, examples: list[dict]) -> dict:
         spec = self.ctx.spec

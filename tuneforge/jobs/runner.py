@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from tuneforge.jobs.context import JobContext
+from tuneforge.jobs.model import served_base
 from tuneforge.jobs.registry import job_type
 
 
@@ -25,9 +26,10 @@ def run_job(ctx: JobContext) -> dict:
     started = time.monotonic()
     ctx.run.write_config(ctx.spec)
     named = f" {ctx.spec.name}" if ctx.spec.name else ""
-    ctx.run.log(f"{kind} job{named} on {ctx.spec.base_model} started")
+    ctx.run.log(f"{kind} job{named} on {served_base(ctx.spec)} started")
     summary = job_type(kind).run(ctx)
     summary = {"type": kind, "name": ctx.spec.name, "base_model": ctx.spec.base_model,
+               "quantization": ctx.spec.quantization,
                "wall_seconds": round(time.monotonic() - started, 2), **summary}
     ctx.run.write("result.json", summary)
     ctx.run.log(f"{kind} job finished")

@@ -8,6 +8,10 @@ Unknown keys are refused (a misspelt option must never be silently ignored). Eve
 generated from these models, so there is no second copy of the options. Paths are resolved
 against the config file's folder. Data is a path to a JSONL file or the rows themselves (a
 list), so a job can be posted over HTTP whole.
+
+The base model's weights may be quantized (`quantization`; the agent-skill spellings `adapter:
+qlora` and `quant_bits` are accepted and folded into it, so after validation `quantization` is
+the one answer and config.yaml carries only it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tuneforge.errors import UserError
+from tuneforge.quantization import QUANTIZATIONS
 
 Rows = list[dict[str, Any]]
 DataSource = str | Rows
@@ -27,6 +32,11 @@ DataSource = str | Rows
 TRAIN_ON = ("last_assistant_message", "all_assistant_messages", "all_messages")
 TRAIN_ON_HELP = ("which tokens the loss is on: the last assistant message, every assistant "
                  "message, or every message")
+QUANTIZATION = ("none", *QUANTIZATIONS)
+# what each agent-skill spelling allows, as (the quantizations it admits, its words in an error)
+ADAPTER_MEANS = {"lora": (("none",), "a full-precision base"),
+                 "qlora": (QUANTIZATIONS, "a quantized base, nf4 unless told")}
+QUANT_BITS_MEANS = {4: (("nf4", "fp4"), "4-bit: nf4 or fp4"), 8: (("int8",), "8-bit: int8")}
 
 
 def option(default: Any = ..., description: str = "", *, group: str, **constraints: Any) -> Any:
@@ -36,11 +46,13 @@ def option(default: Any = ..., description: str = "", *, group: str, **constrain
 
 
 class OptionError(ValueError):
-    """A rule between options broken; `field` is the option (dotted path) to blame."""
+    """A rule between options broken; `field` is the option (dotted path) to blame, `also` the
+    other options of a contradiction (each gets the message beside it in the console)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, also: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.field = field
+        self.fields = (field, *also)
 
 
 class Strict(BaseModel):
@@ -60,6 +72,15 @@ class Common(Strict):
                               group="general", max_length=128)
     base_model: str = option(..., "a base model the server offers, e.g. tuneforge/tiny-qwen3",
                              group="model", min_length=1)
+    quantization: Literal[QUANTIZATION] = option(  # type: ignore[valid-type]
+        "none", "the base model's weights the adapter trains on: none (as served), nf4 or fp4 "
+        "(4-bit, QLoRA) or int8; the job uses the server's quantized copy, BASE@QUANTIZATION",
+        group="model")
+    adapter: Literal["lora", "qlora"] | None = option(
+        None, "another spelling of quantization: lora = none, qlora = a quantized base (nf4 "
+        "unless quantization or quant_bits says otherwise)", group="model")
+    quant_bits: int | None = option(None, "another spelling of quantization: 4 = nf4, 8 = int8",
+                                    group="model", ge=4, le=8)
     lora_rank: int = option(32, "rank of the LoRA adapter: higher learns more, costs more "
                             "memory", group="model", ge=1, le=128)
     load_checkpoint_path: str | None = option(
@@ -74,7 +95,16 @@ class Common(Strict):
     lr_schedule: Literal["constant", "linear"] = option(
         "linear", "linear: decays to 0 over the run; constant: stays at learning_rate",
         group="training")
-    batch_size: int = option(8, "rows per optimizer step", group="training", ge=1, le=1024)
+    batch_size: int = option(8, "rows per forward_backward call (per optimizer step unless "
+                             "gradient_accumulation_steps is set)", group="training", ge=1,
+                             le=1024)
+    gradient_accumulation_steps: int = option(
+        1, "forward_backward calls of batch_size rows summed into each optimizer step: the "
+        "effective batch is batch_size x gradient_accumulation_steps (steps, the learning-rate "
+        "schedule and progress count optimizer steps)", group="training", ge=1, le=256)
+    gradient_checkpointing: bool = option(
+        False, "recompute activations during the backward pass: less memory, slower, the same "
+        "results (off: the server's own setting applies)", group="training")
     epochs: int = option(1, "passes over the training rows", group="training", ge=1, le=1000)
     max_length: int = option(1024, "tokens per row; longer rows are cut at this length",
                              group="training", ge=8, le=131072)
@@ -109,6 +139,43 @@ class Common(Strict):
                                       "eval_data")
         return self
 
+    @model_validator(mode="after")
+    def _one_quantization(self):
+        """Fold adapter / quant_bits into `quantization` (they are input vocabulary only), so
+        everything downstream (config.yaml, an atomic batch's tasks) reads one field."""
+        given = self.quantization if "quantization" in self.model_fields_set else None
+        self.quantization = resolve_quantization(given, self.adapter, self.quant_bits)
+        self.adapter = self.quant_bits = None
+        return self
+
+
+def resolve_quantization(given: str | None, adapter: str | None, bits: int | None) -> str:
+    """The quantization that `quantization` (None: not given), `adapter` and `quant_bits` say
+    together: the first of nf4, fp4, int8, none that each of them admits (none when no one
+    says anything). Two that admit nothing in common are an OptionError naming both."""
+    if bits is not None and bits not in QUANT_BITS_MEANS:
+        raise OptionError("quant_bits", f"quant_bits must be 4 or 8, not {bits}")
+    claims = []  # (field, what it says, the quantizations it admits)
+    if given is not None:
+        claims.append(("quantization", f"quantization: {given}", (given,)))
+    if adapter is not None:
+        admits, words = ADAPTER_MEANS[adapter]
+        claims.append(("adapter", f"adapter: {adapter} ({words})", admits))
+    if bits is not None:
+        admits, words = QUANT_BITS_MEANS[bits]
+        claims.append(("quant_bits", f"quant_bits: {bits} ({words})", admits))
+    for i, (field, said, admits) in enumerate(claims):
+        for other, other_said, other_admits in claims[i + 1:]:
+            if not set(admits) & set(other_admits):
+                raise OptionError(field, f"{said} contradicts {other_said}; give one of them",
+                                  also=(other,))
+    if not claims:
+        return "none"
+    for q in (*QUANTIZATIONS, "none"):
+        if all(q in admits for _, _, admits in claims):
+            return q
+    raise AssertionError("pairwise-compatible claims share a quantization")
+
 
 def field_errors(e: ValidationError, branches: tuple[str, ...]) -> tuple[str, list[dict]]:
     """The text of a validation error (its first 8 problems) and [{field, message}] for each:
@@ -125,11 +192,12 @@ def field_errors(e: ValidationError, branches: tuple[str, ...]) -> tuple[str, li
             msg = "unknown option (not implemented or misspelt)"
         parts.append(f"{'.'.join(loc) or 'config'}: {msg}")
         cause = (err.get("ctx") or {}).get("error")
+        blamed = [loc]
         if isinstance(cause, OptionError):
-            loc = [*loc, cause.field]
+            blamed = [[*loc, field] for field in cause.fields]
         elif not loc and kind.startswith("union_tag"):
-            loc = ["type"]
-        fields.append({"field": ".".join(loc) or "config", "message": msg})
+            blamed = [["type"]]
+        fields += [{"field": ".".join(b) or "config", "message": msg} for b in blamed]
     return "; ".join(parts[:8]), fields
 
 

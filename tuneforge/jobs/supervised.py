@@ -3,7 +3,9 @@ distill, an atomic batch's tasks).
 
 Rows become token sequences with the cookbook's renderers (`build_supervised_example`, the
 renderer chosen from the base model) and `conversation_to_datum`; the loss is the server's
-`cross_entropy` with per-example mean weights, as in the cookbook's supervised recipes.
+`cross_entropy` with per-example mean weights, as in the cookbook's supervised recipes. The
+server sums the loss over examples (no per-batch normalisation), so the forward_backward calls of
+an accumulated step add up to exactly the gradient of one call over the effective batch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from tinker import types
 from tuneforge.jobs import evaluate
 from tuneforge.jobs.context import JobContext
 from tuneforge.jobs.jobtype import PreviewRow
-from tuneforge.jobs.loop import adam, conclude, train_loop
+from tuneforge.jobs.loop import adam, conclude, micro_batches, train_loop
 from tuneforge.jobs.model import renderer_for
 
 
@@ -63,12 +65,12 @@ class Supervised:
                             for ex in self.held_out]
 
     def step(self, tc, indices: list[int], lr: float) -> dict:
-        batch = [self.datums[i] for i in indices]
-        fb = tc.forward_backward(batch, "cross_entropy")
+        batches = micro_batches(self.ctx.spec, [self.datums[i] for i in indices])
+        futures = [tc.forward_backward(batch, "cross_entropy") for batch in batches]
         tc.optim_step(adam(lr)).result()
-        out = fb.result()
+        total = sum(fut.result().metrics["loss:sum"] for fut in futures)
         # per-example mean NLL (each example's weights sum to 1)
-        return {"loss": out.metrics["loss:sum"] / len(batch), "examples": len(batch)}
+        return {"loss": total / len(indices), "examples": len(indices)}
 
     def evaluate(self, tc) -> dict:
         out = tc.forward(self.eval_datums, "cross_entropy").result()

@@ -43,7 +43,7 @@ class ServerState:
             self.keys.add(key, name="TUNEFORGE_API_KEYS")
         self.registry = ModelRegistry.from_settings(settings, self.paths.models)
         self.engine = Engine(self.registry, settings.limits,
-                             max_lora_rank=settings.max_lora_rank, precision=settings.precision,
+                             max_lora_rank=settings.max_lora_rank, dtype=self.registry.dtype,
                              spill_dir=self.paths.samplers, offload_dir=self.paths.offload,
                              adapter_memory_bytes=settings.adapter_memory_mb << 20,
                              cpu_memory_bytes=settings.cpu_offload_memory_mb << 20,

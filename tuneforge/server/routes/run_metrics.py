@@ -169,7 +169,7 @@ def checkpoint_archive(run_id: str, kind: str, name: str, state: State, owner: O
     dest = exports / f"merge-{uuid.uuid4().hex[:12]}"
     try:
         with _merging:
-            write_merged(folder, dest, state.registry.resolve)
+            write_merged(folder, dest, state.registry)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise

@@ -99,7 +99,9 @@ def system(state: State, owner: Owner) -> dict:
             "memory_bytes": int(engine.budget.used),
             "memory_limit_bytes": int(engine.budget.limit),
         },
-        "base_models": [{"name": name, "bytes": int(size)}
+        "base_models": [{"name": name, "bytes": int(size),
+                         "quantization": state.registry.spec(name).quantized}
                         for name, size in state.registry.sizes().items()],
+        "dtype": state.registry.dtype,
         "time": utcnow().isoformat(),
     }

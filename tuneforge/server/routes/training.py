@@ -39,6 +39,17 @@ def register_run(state: ServerState, model_id: str, session_id: str, owner: str,
     state.model_lanes[model_id] = base_model
 
 
+def gradient_checkpointing(user_metadata: dict) -> bool:
+    """A run asks for gradient checkpointing with user_metadata gradient_checkpointing=true
+    (the SDK has no field for it)."""
+    value = user_metadata.get("gradient_checkpointing", "false")
+    text = str(value).lower() if isinstance(value, str | bool) else None
+    if text not in ("true", "false"):
+        raise UserError(f"user_metadata.gradient_checkpointing must be 'true' or 'false', got "
+                        f"{value!r}")
+    return text == "true"
+
+
 def check_optimizer_config(config: types.OptimizerConfig | None) -> None:
     if config is not None and config.type != "adamw":
         raise Unsupported(f"optimizer_config.type {config.type!r} is not supported (only 'adamw')")
@@ -48,7 +59,7 @@ def check_optimizer_config(config: types.OptimizerConfig | None) -> None:
 def create_model(state: State, owner: Owner, body: JsonBody) -> dict:
     req = wire.parse(types.CreateModelRequest, body, "create_model")
     state.session(req.session_id, owner)
-    wire.check_metadata(req.user_metadata, "user_metadata")
+    checkpoint = gradient_checkpointing(wire.check_metadata(req.user_metadata, "user_metadata"))
     model_id = model_id_for(req.session_id, req.model_seq_id)
 
     def submit():
@@ -63,7 +74,7 @@ def create_model(state: State, owner: Owner, body: JsonBody) -> dict:
             config = LoRAConfig(rank=lc.rank, alpha=state.settings.lora_alpha,
                                 train_attn=lc.train_attn, train_mlp=lc.train_mlp,
                                 train_unembed=lc.train_unembed, seed=seed)
-            tm = state.engine.create_model(model_id, req.base_model, config)
+            tm = state.engine.create_model(model_id, req.base_model, config, checkpoint)
             with state.engine.undo_model_on_error(model_id):
                 register_run(state, model_id, req.session_id, owner, tm.base.name, config,
                              req.user_metadata)

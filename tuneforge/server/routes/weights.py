@@ -11,7 +11,12 @@ from tuneforge.errors import NotFound, Unsupported, UserError
 from tuneforge.scheduler.queue import Work
 from tuneforge.server import wire
 from tuneforge.server.deps import JsonBody, Owner, State, future_answer
-from tuneforge.server.routes.training import check_optimizer_config, model_id_for, register_run
+from tuneforge.server.routes.training import (
+    check_optimizer_config,
+    gradient_checkpointing,
+    model_id_for,
+    register_run,
+)
 from tuneforge.server.state import ServerState, parse_tinker_path, tinker_path
 from tuneforge.storage import checkpoints
 from tuneforge.storage.db import CheckpointRow, SamplerRow, TrainingRunRow, utcnow
@@ -148,7 +153,7 @@ def _create_via_load(state: ServerState, owner: str, req: types.LoadWeightsReque
         raise UserError("load_weights: model_seq_id is required with session_id")
     state.session(req.session_id, owner)
     check_optimizer_config(req.optimizer_config)
-    wire.check_metadata(req.user_metadata, "user_metadata")
+    checkpoint = gradient_checkpointing(wire.check_metadata(req.user_metadata, "user_metadata"))
     model_id = model_id_for(req.session_id, req.model_seq_id)
 
     def submit():
@@ -159,7 +164,8 @@ def _create_via_load(state: ServerState, owner: str, req: types.LoadWeightsReque
             if not folder.exists():
                 raise NotFound(f"checkpoint {req.path} has no files on this server")
             state.check_model_quota(owner)
-            tm = state.engine.load_model(model_id, folder, req.optimizer, req.base_model)
+            tm = state.engine.load_model(model_id, folder, req.optimizer, req.base_model,
+                                         checkpoint)
             with state.engine.undo_model_on_error(model_id):
                 register_run(state, model_id, req.session_id, owner, tm.base.name,
                              tm.adapter.config, req.user_metadata)
