@@ -134,12 +134,14 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     return w.float().reshape(layer.out_features, layer.in_features)
 
 
-def dequantize(model: nn.Module) -> nn.Module:
+def dequantize(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
     """Replace every quantized linear layer by a plain `nn.Linear` holding its dequantized fp32
-    weight, in place: the dense twin of the quantized model (what a merged export starts from)."""
+    weight, in place: the dense twin of the quantized model (what a merged export starts from).
+    `device`: where the dense layers go (default: the layer's own), one at a time, so a GPU never
+    holds the whole dense twin."""
     for path, layer in quantized_layers(model):
         dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                          device=layer.weight.device, dtype=torch.float32)
+                          device=device or layer.weight.device, dtype=torch.float32)
         with torch.no_grad():
             dense.weight.copy_(dequantized_weight(layer))
             if layer.bias is not None:

@@ -53,7 +53,7 @@ def write_merged(folder: Path, dest: Path, registry: ModelRegistry) -> Path:
 def _dense_twin(registry: ModelRegistry, name: str) -> nn.Module:
     """The quantized base `name` as served, its packed layers replaced by plain fp32 linears
     with the values they compute with, on the CPU (where the checkpoint's tensors are)."""
-    model = quantized.dequantize(registry.load_copy(name))
+    model = quantized.dequantize(registry.load_copy(name), device="cpu")
     return model.to("cpu", torch.float32)
 
 
