@@ -33,8 +33,8 @@ the two give identical layers). The models reach the engine through a ModelRegis
 `load_copy` returns the built model (`lora.inject`, checkpointing, passes and the optimizer are
 the engine's own). Per 8B part: warm-up steps, then timed steps (CUDA synchronised; median),
 tokens/s, and `torch.cuda.max_memory_allocated` over the steps (model, adapter, AdamW state,
-activations; reset after the build), beside the anchor ratios (torchtune, Llama-3-8B-class on
-a 4090: QLoRA at about 0.78x the tokens/s of bf16 LoRA at about 0.46x the memory).
+activations; reset after the build), beside the anchor ratios (torchtune on a 4090: QLoRA at
+about 0.78x the tokens/s of bf16 LoRA at about 0.46x the memory).
 
     bash bench/gpu_setup.sh install && python3 bench/gpu_qlora.py [--budget 330] [--parts ...]
     python bench/gpu_qlora.py --cpu-smoke        # the same code paths on a tiny model, on CPU
@@ -147,9 +147,10 @@ def quantize_linears(model, compute_dtype, skip=("lm_head",)) -> int:
     from torch import nn
 
     count = 0
-    for path, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or path.rpartition(".")[2] in skip:
-            continue
+    paths = [path for path, module in model.named_modules()
+             if isinstance(module, nn.Linear) and path.rpartition(".")[2] not in skip]
+    for path in paths:  # one at a time: each dense weight is freed once its layer is replaced
+        module = model.get_submodule(path)
         new = bnb.nn.Linear4bit(module.in_features, module.out_features, module.bias is not None,
                                 compute_dtype, compress_statistics=True, quant_type="nf4",
                                 quant_storage=torch.uint8, device="meta")
@@ -669,7 +670,7 @@ def record_from(path: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cpu-smoke", action="store_true",
+    ap.add_argument("--cpu-smoke", "--dry-run", action="store_true",
                     help="run the same parts on CPU with a tiny model, in seconds")
     ap.add_argument("--parts", help=f"comma-separated subset of: {', '.join(PARTS)}")
     ap.add_argument("--budget", type=float, default=None,

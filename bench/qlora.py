@@ -40,6 +40,7 @@ cannot be written, it falls back to sampling VmRSS every millisecond from a thre
 
     python bench/qlora.py [--model HuggingFaceTB/SmolLM2-135M-Instruct] [--batch 4] [--seq 128]
                           [--rank 16] [--threads 1] [--rounds 3] [--record]
+                          [--skip-memory | --memory-only]
 """
 
 from __future__ import annotations
@@ -255,6 +256,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="timed steps per configuration")
     ap.add_argument("--models-dir", default=str(MODELS_DIR))
     ap.add_argument("--skip-memory", action="store_true", help="no memory subprocesses")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory subprocesses")
     ap.add_argument("--record", action="store_true", help="append the result to RESULTS.md")
     ap.add_argument("--child-memory", choices=CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -276,6 +278,15 @@ def main() -> None:
     if not args.skip_memory:
         for config in MEASURED:  # before the timing loops: nothing else busy meanwhile
             memory[config] = measure_memory(args, config)
+    if args.memory_only:
+        mib = 2 ** 20
+        for c in MEASURED:
+            m = memory[c]
+            print(f"{c:10s} step peak above runtime {m['model'] / mib:6.0f} MiB "
+                  f"({m['model'] / memory['fp32']['model']:.3f}x; file-backed "
+                  f"{m['file_backed'] / mib:.0f}), step growth {m['growth'] / mib:5.0f} MiB "
+                  f"({m['growth'] / memory['fp32']['growth']:.3f}x)")
+        return
 
     loops = {c: Loop(Path(args.models_dir), args.model, c, args.rank, *_data(args))
              for c in TIMED}

@@ -80,7 +80,21 @@ def load(folder: Path, name: str, quantization: str, double_quant: bool,
         if hasattr(layer, "support_avx512bf16_for_cpu"):
             layer.support_avx512bf16_for_cpu = False
         _refuse_moves(layer, name, quantization)
+    if device.type == "cpu":
+        _own_full_precision_tensors(model, layers)
     return model
+
+
+def _own_full_precision_tensors(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """On a CPU the unquantized tensors (embeddings, norms, lm_head) are views into the memory-
+    mapped checkpoint file, which keeps the whole mapping — the full-precision weights of the
+    quantized layers included — resident. Copies free it (measured on SmolLM2: 533 MiB)."""
+    packed = {id(t) for _, layer in layers for t in layer.parameters()}
+    seen: set[int] = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in packed and id(t) not in seen:
+            seen.add(id(t))
+            t.data = t.data.clone()  # the same Parameter object: tied weights stay tied
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
