@@ -84,7 +84,8 @@ def import_adapter(data: AdminData, source: Path, base_model: str, name: str,
         raise UserError(f"adapter_config.r = {rank} is outside [1, max_lora_rank="
                         f"{data.settings.max_lora_rank}]")
     ckpt = checkpoints.load(source)
-    base = data.registry().get(base_model)
+    registry = data.registry()
+    base = registry.get(base_model)
     known = {p: g for g, paths in base.targets.items() for p in paths}
     unknown = sorted(set(ckpt.A) - set(known))
     if unknown:
@@ -111,7 +112,8 @@ def import_adapter(data: AdminData, source: Path, base_model: str, name: str,
         train_unembed="unembed" in groups, seed=None,
         user_metadata={"imported_from": str(source)}))
     alpha = float(config.get("lora_alpha", rank))
-    adapter_config = checkpoints.peft_adapter_config(base.name, rank, alpha, list(ckpt.A))
+    adapter_config = checkpoints.peft_adapter_config(registry.peft_name(base.name), rank, alpha,
+                                                     list(ckpt.A))
     meta = {"training_run_id": run_id, "kind": "weights", "name": name, "step": 0,
             "base_model": base.name, "created": utcnow().isoformat(),
             "lora": {"rank": rank, "alpha": alpha}, "user_metadata": {}}

@@ -253,3 +253,33 @@ def test_bad_quantizations_and_metadata_are_clear_errors(server, sc, sft):
     assert math.isfinite(before) and server.healthy()
     assert f"{MODEL}@q3" not in base_bytes(server) and f"{MODEL}@int8" not in base_bytes(server)
 
+
+
+def test_an_sft_job_with_quantization_nf4_trains_on_the_4_bit_base(server, capsys):
+    """A declarative job asks for the 4-bit copy by `quantization: nf4`; its run trains on
+    `MODEL@nf4` and learns."""
+    import httpx
+
+    rows = [{"prompt": q, "response": a} for q, a in CHATS * 2]
+    spec = {"type": "sft", "name": "qlora-sft", "base_model": MODEL, "quantization": "nf4",
+            "renderer": "qwen3_instruct", "data": rows, "lora_rank": 8, "learning_rate": 1e-3,
+            "batch_size": 5, "epochs": 3, "eval_samples": 0}
+    jobs = httpx.Client(base_url=f"{server.base_url}/api/jobs",
+                        headers={"X-API-Key": server.api_key}, timeout=60)
+    answer = jobs.post("", json=spec)
+    assert answer.status_code == 200, answer.text
+    job_id = answer.json()["id"]
+    deadline = time.monotonic() + 300
+    while (job := jobs.get(f"/{job_id}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["status"] == "completed", (job["error"], server.log())
+    result = job["result"]
+    with capsys.disabled():
+        print(f"\nSFT job on {MODEL}@nf4: train loss {result['first_train_loss']:.3f} -> "
+              f"{result['last_train_loss']:.3f} in {result['steps']} steps")
+    assert result["last_train_loss"] < 0.5 * result["first_train_loss"]
+    runs = jobs.get(f"/{job_id}/metrics").json()["runs"]
+    rest = tinker.RestClient(base_url=server.base_url, api_key=server.api_key)
+    assert runs and all(rest.get_training_run(r).result().base_model == f"{MODEL}@nf4"
+                        for r in runs)

@@ -302,9 +302,8 @@ class Engine:
                      "seed": cfg.seed},
             "user_metadata": dict(user_metadata or {}),
         }
-        adapter_config = checkpoints.peft_adapter_config(  # a 4-bit base: the model PEFT loads
-            self.registry.spec(tm.base.name).model if tm.base.quantization else tm.base.name,
-            cfg.rank, cfg.alpha, list(tm.adapter.A))
+        adapter_config = checkpoints.peft_adapter_config(
+            self.registry.peft_name(tm.base.name), cfg.rank, cfg.alpha, list(tm.adapter.A))
         optimizer_state = tm.optimizer.state_dict() if kind == "weights" else None
         return checkpoints.save(folder, tm.adapter.A, tm.adapter.B, adapter_config, meta,
                                 optimizer_state)
@@ -405,8 +404,8 @@ class Engine:
             cfg = old.adapter.config
             checkpoints.save(
                 self.spill_dir / sampler_id, old.adapter.A, old.adapter.B,
-                checkpoints.peft_adapter_config(old.base.name, cfg.rank, cfg.alpha,
-                                                list(old.adapter.A)),
+                checkpoints.peft_adapter_config(self.registry.peft_name(old.base.name),
+                                                cfg.rank, cfg.alpha, list(old.adapter.A)),
                 {"base_model": old.base.name, "sampler_id": sampler_id,
                  "lora": {"seed": cfg.seed}})
         logger.info("sampler %s evicted from memory", sampler_id)

@@ -215,6 +215,12 @@ class ModelRegistry:
         model, quantization = quant.split(target)
         return ModelSpec(model=model, quantization=quantization or "none")
 
+    def peft_name(self, name: str) -> str:
+        """The base model an exported PEFT adapter names (`base_model_name_or_path`): for a
+        quantized base the underlying model, which PEFT users load and quantize themselves."""
+        spec = self.spec(name)
+        return spec.model if spec.quantized else name
+
     def resolve(self, name: str) -> Path:
         """A local folder holding the model's HF files, building built-ins on first use."""
         name = self.spec(name).model
