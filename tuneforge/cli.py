@@ -180,9 +180,9 @@ def serve(args: argparse.Namespace) -> int:
         "preload_models": args.preload, "num_threads": args.threads, "dtype": args.dtype,
         "gradient_checkpointing": args.gradient_checkpointing,
     }
+    if args.alias:  # added to those of TUNEFORGE_MODEL_ALIASES
+        overrides["model_aliases"] = {**Settings().model_aliases, **dict(args.alias)}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    if args.alias:
-        settings.model_aliases.update(dict(args.alias))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 

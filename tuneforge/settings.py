@@ -123,6 +123,14 @@ class Settings(BaseSettings):
     """Datums per forward_backward request that the SDK is told to send at most."""
     limits: Limits = Field(default_factory=Limits)
 
+    @field_validator("model_aliases")
+    @classmethod
+    def _alias_targets(cls, v: dict[str, str | ModelSpec]) -> dict[str, str | ModelSpec]:
+        for target in v.values():
+            if isinstance(target, str):
+                quant.split(target)  # an unknown @qualifier fails at start, not on first use
+        return v
+
     @field_validator("data_dir", "models_dir")
     @classmethod
     def _absolute(cls, v: Path | None) -> Path | None:

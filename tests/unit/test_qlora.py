@@ -292,3 +292,15 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n")
     assert hardware.cpu_flags(info) == {"fpu", "avx2", "avx512_bf16"}
     assert hardware.cpu_flags(tmp_path / "missing") == set()
+
+
+def test_a_pre_quantized_checkpoint_is_refused_with_the_way_out(registry, tmp_path):
+    import shutil
+
+    folder = tmp_path / "prequantized"
+    shutil.copytree(registry.resolve(TINY), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Unsupported, match="pre-quantized checkpoint.*@nf4"):
+        registry.get(str(folder))

@@ -20,6 +20,7 @@ without network access.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -35,7 +36,7 @@ from torch import nn
 
 from tuneforge import quantization as quant
 from tuneforge.engine import checkpointing, hardware, lora, quantized, smollm2, tiny
-from tuneforge.errors import LimitExceeded, UserError
+from tuneforge.errors import LimitExceeded, Unsupported, UserError
 from tuneforge.settings import ModelSpec, Settings
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,11 @@ class ModelRegistry:
         """A fresh copy of the model `name` serves (quantized alike), frozen, on the registry's
         device, not kept: exports load their own copy and never touch the engine's."""
         spec, folder = self.spec(name), self.resolve(name)
+        if "quantization_config" in json.loads((folder / "config.json").read_text()):
+            raise Unsupported(
+                f"base_model '{name}' is a pre-quantized checkpoint (its config.json has a "
+                "quantization_config); serve the full-precision model with a quantization "
+                f"instead ({quant.served_name('MODEL', 'nf4')} or an alias object)")
         if spec.quantized:
             quantized.check_device(name, spec.quantized, self.device)
         try:
@@ -181,7 +187,10 @@ class ModelRegistry:
 
         spec, folder = self.spec(name), self.resolve(name)
         model = self.load_copy(name)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError) as e:
+            raise UserError(f"base_model '{name}': its tokenizer could not be loaded ({e})") from e
         router, targets = lora.inject(model)
         checkpointing.install(model, router)
         config = model.config
