@@ -23,11 +23,14 @@ from safetensors.torch import load_file
 from tinker import types
 
 from tuneforge.engine import smollm2
-from tuneforge.export import gguf_layout
+from tuneforge.export import gguf_layout, gguf_lora
 from tuneforge.storage import checkpoints
 
 TINY = "tuneforge/tiny-qwen3"
 TEXT = "Exports must carry exactly what was trained."
+# llama.cpp on the Q4_1 file rounds activations to 8 bits for its quantized matmuls: measured
+# 2.9e-2 relative error of the logprobs there, against 1.1e-4 on the f32 base
+QUANTIZED_FILE = 0.1
 CHAT = [("What do bees make?", "Bees make honey."), ("How many legs has a cat?", "Four.")]
 
 
@@ -221,7 +224,7 @@ def test_smollm2_gguf_lora_gguf_merged_and_ollama(server, smol_run, tmp_path):
 @needs_smollm2
 @pytest.mark.skipif(os.environ.get("TUNEFORGE_LLAMA_CPP") != "1",
                     reason="opt-in: set TUNEFORGE_LLAMA_CPP=1 (and install llama-cpp-python)")
-def test_llama_cpp_gives_the_servers_logprobs(server, smol_run, tmp_path):
+def test_llama_cpp_gives_the_servers_logprobs(server, smol_run, tmp_path, monkeypatch):
     llama_cpp = pytest.importorskip("llama_cpp")
     tc, path, tok = smol_run
     # the f32 base llama.cpp runs the adapter on: the base merged with a zero adapter
@@ -239,12 +242,25 @@ def test_llama_cpp_gives_the_servers_logprobs(server, smol_run, tmp_path):
                      f"{CHAT[0][1]}<|im_end|>\n")
     served = np.asarray(tc.forward([datum(ids)], "cross_entropy").result()
                         .loss_fn_outputs[0]["logprobs"].to_numpy(), dtype=np.float64)
-    for kwargs in ({"model_path": str(base), "lora_path": str(lora)},
-                   {"model_path": str(merged)}):
+    # the same adapter without the q/k row permutation of B, to show that it matters
+    (tmp_path / "unpermuted").mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(gguf_layout.Layout, "to_gguf_rows", lambda self, module, rows: rows)
+        unpermuted = gguf_lora.write(folder_of(server, path), tmp_path / "unpermuted",
+                                     server.models_dir / "HuggingFaceTB--SmolLM2-135M-Instruct")
+
+    def error(**kwargs) -> float:
         llm = llama_cpp.Llama(**kwargs, n_ctx=256, logits_all=True, verbose=False, seed=0)
         llm.eval(ids[:-1])
         logits = torch.tensor(np.asarray(llm.scores[: len(ids) - 1]), dtype=torch.float64)
         got = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
         rel = float(np.linalg.norm(got.numpy() - served) / np.linalg.norm(served))
-        print(f"llama.cpp {sorted(kwargs)}: relative error of the logprobs {rel:.2e}")
-        assert rel < 5e-3
+        print(f"llama.cpp {kwargs}: relative error of the logprobs {rel:.2e}")
+        return rel
+
+    assert error(model_path=str(base), lora_path=str(lora)) < 5e-3
+    assert error(model_path=str(merged)) < 5e-3
+    assert error(model_path=str(base)) > 2e-2  # the adapter moved the logprobs that much
+    assert error(model_path=str(base), lora_path=str(unpermuted)) > 1e-2
+    # on the Q4_1 file the base was served from (llama.cpp also rounds activations to 8 bits)
+    assert error(model_path=str(smollm2.gguf_path()), lora_path=str(lora)) < QUANTIZED_FILE
