@@ -415,7 +415,7 @@ def test_streams_yield_the_non_streamed_text(server):
     assert text == want.choices[0].message.content
     assert finish == want.choices[0].finish_reason
     assert usage.completion_tokens == want.usage.completion_tokens
-    assert len(deltas) > 1 and len(set(deltas)) > 1
+    assert len(deltas) > 1  # (liveness itself: test_stream_is_live_and_a_disconnect_frees...)
     plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=64, temperature=0)
     text, deltas, finish, _ = _stream_text(client.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=64, temperature=0, stream=True))

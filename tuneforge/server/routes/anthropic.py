@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Annotated, Any
+from collections.abc import AsyncIterator
+from typing import Annotated
 
 import anyio.from_thread
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tuneforge.errors import AuthError, NotFound, TuneforgeError
+from tuneforge.errors import NotFound, TuneforgeError
 from tuneforge.scheduler.futures import Future
 from tuneforge.server import anthropic, chat
 from tuneforge.server.deps import JsonBody, State
+from tuneforge.server.routes import compat
 from tuneforge.server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -58,51 +56,11 @@ def error_body(status: int, message: str) -> dict:
 def _error_of(exc: Exception) -> tuple[int, dict]:
     if isinstance(exc, TuneforgeError):
         return exc.status, error_body(exc.status, exc.message)
-    if isinstance(exc, RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
-                             for e in exc.errors()[:5])
-        return 400, error_body(400, problems or "invalid request body")
-    if isinstance(exc, StarletteHTTPException):
-        return exc.status_code, error_body(exc.status_code, str(exc.detail))
-    logger.error("messages API request failed", exc_info=exc)
-    return 500, error_body(500, f"internal error: {type(exc).__name__}")
+    return compat.error_of(exc, error_body, "messages API")
 
 
-class AnthropicRoute(APIRoute):
-    """Answers every error of its routes in Anthropic's error shape."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def guarded(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Exception as exc:  # every error gets the Anthropic shape
-                status, body = _error_of(exc)
-                return JSONResponse(body, status_code=status)
-
-        return guarded
-
-
-router = APIRouter(prefix="/anthropic/api/v1", route_class=AnthropicRoute)
-
-
-def anthropic_owner(request: Request) -> str:
-    """The owner id of the caller's key, from `X-API-Key` or `Authorization: Bearer`."""
-    key = request.headers.get("x-api-key")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if not key and scheme.lower() == "bearer":
-        key = token.strip()
-    if not key:
-        raise AuthError("missing API key: send it in the X-API-Key header or as "
-                        "`Authorization: Bearer <key>`")
-    identity = request.app.state.tf.keys.identify(key)
-    if identity is None:
-        raise AuthError("invalid x-api-key: the key is unknown or revoked")
-    return identity.owner
-
-
-AnthropicOwner = Annotated[str, Depends(anthropic_owner)]
+router = APIRouter(prefix="/anthropic/api/v1", route_class=compat.route_class(_error_of))
+AnthropicOwner = Annotated[str, Depends(compat.key_owner)]
 
 
 @router.post("/messages")
