@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tuneforge.engine.models import ModelRegistry
 from tuneforge.errors import Unsupported, UserError
-from tuneforge.export.merged import write_merged
+from tuneforge.export import formats
 from tuneforge.settings import Settings
 from tuneforge.storage import checkpoints
 from tuneforge.storage.datadir import DataDir
@@ -50,17 +50,24 @@ class AdminData(DataDir):
         return folder
 
 
-def export(data: AdminData, source: str, dest: Path, merged: bool) -> Path:
-    """Write a checkpoint as a PEFT adapter folder, or as a merged full HF model."""
+def export(data: AdminData, source: str, dest: Path, fmt: str = "peft",
+           dtype: str | None = None, require_vllm: bool = False) -> formats.Exported:
+    """Write a checkpoint in one of `formats.FORMATS` into `dest` (new or empty)."""
+    formats.check_args(fmt, dtype)
     folder = data.checkpoint_folder(source)
     if dest.exists() and any(dest.iterdir()):
         raise UserError(f"{dest} exists and is not empty")
+    existed = dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
-    if not merged:
-        for name in (checkpoints.ADAPTER_FILE, checkpoints.CONFIG_FILE):
-            shutil.copy2(folder / name, dest / name)
-        return dest
-    return write_merged(folder, dest, data.registry())
+    try:
+        return formats.write(fmt, folder, dest, data.registry(), dtype, require_vllm)
+    except BaseException:
+        if existed:  # leave the empty folder the user gave, without our half-written files
+            for child in dest.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        else:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
 
 
 def import_adapter(data: AdminData, source: Path, base_model: str, name: str,

@@ -2,7 +2,7 @@
 
     tuneforge serve                      run the server
     tuneforge keys create|list|revoke    manage API keys (stored hashed)
-    tuneforge export CHECKPOINT --to DIR [--merged]
+    tuneforge export CHECKPOINT --to DIR [--format peft|merged|gguf-lora|gguf-merged|ollama]
     tuneforge import ADAPTER_DIR --base-model NAME --name NAME
     tuneforge cache-tokenizer NAME       put a served model's tokenizer in the local HF cache
     tuneforge train CONFIG.yaml          run a training job (SFT, DPO, RL, distill, atomic)
@@ -19,7 +19,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import TuneforgeError, UserError
+from tuneforge.export import FORMATS
 from tuneforge.settings import Settings
 
 
@@ -80,12 +81,23 @@ def _admin_parsers(sub) -> None:
     revoke.add_argument("key_id", help="the key's id (key-...), as `keys list` shows it")
     _data_dir_option(revoke)
 
-    export = sub.add_parser("export", help="write a checkpoint as a PEFT adapter or merged model")
+    export = sub.add_parser(
+        "export", help="write a checkpoint as a PEFT adapter, merged model, GGUF or Ollama folder",
+        description="Write a checkpoint in another tool's format. peft: the adapter files, with "
+        "whether vLLM loads them and the --max-lora-rank it needs; merged: a full HF model; "
+        "gguf-lora: a llama.cpp --lora adapter; gguf-merged: a merged llama.cpp model (bases "
+        "that came as GGUF); ollama: a merged GGUF and a Modelfile.")
     export.add_argument("checkpoint", help="tinker://RUN/KIND/NAME of this data directory, "
                         "or a checkpoint folder")
     export.add_argument("--to", required=True, type=Path, help="output folder (new or empty)")
-    export.add_argument("--merged", action="store_true",
-                        help="fold the adapter into the base model and write a full HF model")
+    export.add_argument("--format", dest="fmt", default=None, choices=FORMATS,
+                        help="output format (default peft)")
+    export.add_argument("--merged", action="store_true", help="the same as --format merged")
+    export.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"],
+                        help="weights dtype: merged f32|bf16; gguf-lora f32|f16|q8_0; "
+                        "gguf-merged and ollama f32|f16|bf16|q8_0")
+    export.add_argument("--vllm", action="store_true",
+                        help="peft: refuse (write nothing) unless vLLM loads the adapter as is")
     _data_dir_option(export)
 
     imp = sub.add_parser("import", help="register a PEFT LoRA adapter as a training checkpoint")
@@ -158,7 +170,13 @@ def _admin(args: argparse.Namespace) -> int:
     elif args.command == "keys" and args.action == "revoke":
         print(f"revoked {data.keys.revoke(args.key_id).id}")
     elif args.command == "export":
-        print(admin.export(data, args.checkpoint, args.to, args.merged))
+        if args.merged and args.fmt not in (None, "merged"):
+            raise UserError(f"--merged contradicts --format {args.fmt}")
+        fmt = "merged" if args.merged else args.fmt or "peft"
+        done = admin.export(data, args.checkpoint, args.to, fmt, args.dtype, args.vllm)
+        for note in done.notes:
+            print(note, file=sys.stderr)
+        print(done.path)
     elif args.command == "cache-tokenizer":
         print(admin.cache_tokenizer(data, args.name, args.force))
     elif args.command == "import":

@@ -3,10 +3,12 @@ Tinker SDK's `sample` of the same prompt tokens, with httpx and the `openai` cli
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -315,3 +317,260 @@ def test_another_key_sees_no_checkpoint(server, keys, memorised):
     theirs = httpx.get(one, headers={"X-API-Key": keys["bob"]}, timeout=60)
     assert theirs.status_code == 404
     assert theirs.json()["error"]["code"] == "model_not_found"
+
+
+# ---- legacy completions, live streaming, the openai client -------------------------------
+
+PROMPT = "The capital of France is"
+
+
+def oai(server, key: str | None = None):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=url(server, ""), api_key=key or server.api_key, max_retries=0)
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(f"{server.base_url}/metrics", timeout=60).text
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"tuneforge_{name} "))
+    return float(line.split()[1])
+
+
+def sdk_tokens(seq) -> list[int]:
+    """The answer's tokens as the endpoints return them: without the token that ended it."""
+    return list(seq.tokens[:-1] if seq.stop_reason == "stop" else seq.tokens)
+
+
+def test_completion_greedy_equals_the_sdk_sample(server, base_sampler, tokenizer):
+    client = oai(server)
+    prompt = tokenizer.encode(PROMPT)
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0,
+                                    logprobs=2)
+    seq = sdk_sample(base_sampler, prompt, max_tokens=16, temperature=0.0)
+    tokens = sdk_tokens(seq)
+    c = got.choices[0]
+    assert got.object == "text_completion" and c.index == 0
+    assert c.text == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert c.finish_reason == ("stop" if seq.stop_reason == "stop" else "length")
+    assert c.logprobs.tokens == [tokenizer.decode([t]) for t in tokens]
+    np.testing.assert_allclose(c.logprobs.token_logprobs, seq.logprobs[:len(tokens)],
+                               atol=1e-4, rtol=0)
+    assert c.logprobs.text_offset[0] == 0 and c.logprobs.text_offset == sorted(
+        c.logprobs.text_offset)
+    assert all(len(top) >= 2 for top in c.logprobs.top_logprobs)
+    assert got.usage.prompt_tokens == len(prompt)
+    assert got.usage.completion_tokens == len(seq.tokens)
+    # the same prompt as token ids, and a list of prompts (choice i*n + j)
+    ids = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+    assert ids.choices[0].text == c.text
+    two = client.completions.create(model=MODEL, prompt=[PROMPT, "Once upon a time"],
+                                    max_tokens=8, temperature=0, n=2)
+    assert [x.index for x in two.choices] == [0, 1, 2, 3]
+    short = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    other = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8,
+                                      temperature=0)
+    assert [x.text for x in two.choices] == [short.choices[0].text] * 2 + [
+        other.choices[0].text] * 2
+    assert two.usage.prompt_tokens == short.usage.prompt_tokens + other.usage.prompt_tokens
+
+
+def test_logprobs_equal_compute_logprobs(server, base_sampler, tokenizer):
+    prompt = prompt_tokens(tokenizer, MESSAGES)
+    out = answer(server, server.api_key, max_tokens=12, temperature=0, logprobs=True)
+    tokens = sdk_tokens(sdk_sample(base_sampler, prompt, max_tokens=12, temperature=0.0))
+    scored = base_sampler.compute_logprobs(types.ModelInput.from_ints(prompt + tokens)).result()
+    got = [e["logprob"] for e in out["choices"][0]["logprobs"]["content"]]
+    assert len(got) == len(tokens)
+    np.testing.assert_allclose(got, scored[len(prompt):], atol=1e-4, rtol=0)
+    # legacy completions, at temperature 1 (logprobs of the distribution sampled from)
+    ids = tokenizer.encode(PROMPT)
+    comp = oai(server).completions.create(model=MODEL, prompt=ids, max_tokens=10, seed=7,
+                                          logprobs=0)
+    c = comp.choices[0]
+    drawn = sdk_tokens(sdk_sample(base_sampler, ids, max_tokens=10, temperature=1.0, seed=7))
+    assert c.logprobs.tokens == [tokenizer.decode([t]) for t in drawn]
+    scored = base_sampler.compute_logprobs(types.ModelInput.from_ints(ids + drawn)).result()
+    np.testing.assert_allclose(c.logprobs.token_logprobs, scored[len(ids):], atol=1e-4, rtol=0)
+
+
+def _stream_text(stream) -> tuple[str, list[str], str | None, object]:
+    text, deltas, finish, usage = "", [], None, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for ch in chunk.choices:
+            piece = ch.delta.content if hasattr(ch, "delta") else ch.text
+            if piece:
+                deltas.append(piece)
+                text += piece
+            finish = ch.finish_reason or finish
+    return text, deltas, finish, usage
+
+
+def test_streams_yield_the_non_streamed_text(server):
+    client = oai(server)
+    want = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64,
+                                          temperature=0)
+    text, deltas, finish, usage = _stream_text(client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=64, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert text == want.choices[0].message.content
+    assert finish == want.choices[0].finish_reason
+    assert usage.completion_tokens == want.usage.completion_tokens
+    assert len(deltas) > 1  # (liveness itself: test_stream_is_live_and_a_disconnect_frees...)
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=64, temperature=0)
+    text, deltas, finish, _ = _stream_text(client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=64, temperature=0, stream=True))
+    assert text == plain.choices[0].text and finish == plain.choices[0].finish_reason
+    assert len(deltas) > 1
+
+
+def test_streamed_stop_strings_do_not_leak(server):
+    client = oai(server)
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40,
+                                      temperature=0).choices[0].text
+    assert len(whole) > 12
+    for stop in (whole[5:9], whole[9:], whole[6:7] + "\u00e9never"):
+        want = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40,
+                                         temperature=0, stop=[stop]).choices[0]
+        text, _, finish, _ = _stream_text(client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop],
+            stream=True))
+        assert text == want.text and finish == want.finish_reason
+        if stop in whole:
+            assert text == whole[:whole.find(stop)] and finish == "stop"
+
+
+def test_stream_is_live_and_a_disconnect_frees_the_rows(server):
+    """The first chunk arrives while the answer is still being decoded: closing the stream
+    then stops the decoding well before max_tokens (a replayed answer would have sampled all
+    of them before its first chunk)."""
+    client = oai(server)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "temperature": 1.0,
+            "seed": 3, "stop": None}
+    full = client.completions.create(**body)
+    assert full.choices[0].finish_reason == "length"  # this draw runs to max_tokens
+    before = metric(server, "sampled_tokens_total")
+    requests = metric(server, "sample_requests_total")
+    stream = client.completions.create(**body, stream=True)
+    first = next(c for c in stream if c.choices and c.choices[0].text)
+    assert first.choices[0].text
+    stream.close()
+    deadline = 60
+    start = time.monotonic()
+    while metric(server, "sampled_tokens_total") == before:
+        assert time.monotonic() - start < deadline, "the cancelled stream never finished"
+        time.sleep(0.05)
+    assert metric(server, "sample_requests_total") == requests + 1
+    assert metric(server, "sampled_tokens_total") - before < 1000
+
+
+def test_streams_share_decoding_steps_with_tinker_samples(server, base_sampler, tokenizer):
+    """A Tinker `sample` sent while a live stream is decoding joins its batch: the steps run
+    are about the stream's length, not the sum of both requests' lengths."""
+    ids, long, short = tokenizer.encode(PROMPT), 400, 200
+    body = {"model": MODEL, "prompt": ids, "max_tokens": long, "temperature": 1.0, "seed": 3}
+    steps = metric(server, "decode_steps_total")
+    stream = oai(server).completions.create(**body, stream=True)
+    chunks = iter(stream)
+    next(c for c in chunks if c.choices and c.choices[0].text)  # it is decoding now
+    seq = sdk_sample(base_sampler, ids, max_tokens=short, temperature=1.0, stop=[], seed=5)
+    assert len(seq.tokens) == short
+    rest = _stream_text(chunks)
+    assert rest[2] == "length"
+    assert metric(server, "decode_steps_total") - steps < long + short / 2
+
+
+def test_eight_concurrent_streams_all_finish(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = oai(server)
+    asks = [{"model": MODEL, "max_tokens": 24, "temperature": 0.8, "seed": i,
+             "messages": [{"role": "user", "content": f"Count to {i + 2}."}]} for i in range(8)]
+    want = [client.chat.completions.create(**a).choices[0].message.content for a in asks]
+
+    def one(a):
+        return _stream_text(oai(server).chat.completions.create(**a, stream=True))[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, asks))
+    assert got == want
+
+
+@pytest.mark.parametrize("name,value", [
+    ("echo", True), ("suffix", "x"), ("best_of", 3), ("logit_bias", {"5": 1}),
+    ("presence_penalty", 0.5), ("frequency_penalty", 1.0), ("logprobs", 21),
+    ("temperature", 3.0), ("prompt", []), ("n", 0),
+])
+def test_completion_bad_parameters_name_it(server, name, value):
+    openai = pytest.importorskip("openai")
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, name: value}
+    with pytest.raises(openai.BadRequestError) as err:
+        oai(server).completions.create(**body)
+    assert err.value.body["param"] == name and err.value.body["type"] == "invalid_request_error"
+
+
+def test_openai_client_refuses_chat_parameters_by_name(server):
+    openai = pytest.importorskip("openai")
+    client = oai(server)
+    for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}]},
+                  {"tool_choice": "auto"}, {"logit_bias": {"1": 2}},
+                  {"presence_penalty": 1.0}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, **extra)
+        assert err.value.body["param"] == next(iter(extra))
+
+
+def test_checkpoint_answers_through_both_endpoints(server, keys, memorised, tokenizer):
+    openai = pytest.importorskip("openai")
+    alice, bob = oai(server, keys["alice"]), oai(server, keys["bob"])
+    sampler = memorised["sc"].create_sampling_client(model_path=memorised["path"]).result()
+    prompt = prompt_tokens(tokenizer, SECRET_Q)
+    seq = sdk_sample(sampler, prompt, max_tokens=24, temperature=0.0)
+    chat_ = alice.chat.completions.create(model=memorised["path"], messages=SECRET_Q,
+                                          max_tokens=24, temperature=0, logprobs=True)
+    assert chat_.choices[0].message.content == SECRET_A
+    assert [e.token for e in chat_.choices[0].logprobs.content] == [
+        tokenizer.decode([t]) for t in sdk_tokens(seq)]
+    comp = alice.completions.create(model=memorised["path"], prompt=prompt, max_tokens=24,
+                                    temperature=0, logprobs=1)
+    sdk = sdk_sample(sampler, prompt, max_tokens=24, temperature=0.0, stop=None)
+    assert comp.choices[0].logprobs.tokens == [tokenizer.decode([t]) for t in sdk_tokens(sdk)]
+    assert comp.choices[0].text.startswith(SECRET_A)
+    scored = sampler.compute_logprobs(
+        types.ModelInput.from_ints(prompt + sdk_tokens(sdk))).result()
+    np.testing.assert_allclose(comp.choices[0].logprobs.token_logprobs, scored[len(prompt):],
+                               atol=1e-4, rtol=0)
+    streamed = _stream_text(alice.chat.completions.create(
+        model=memorised["path"], messages=SECRET_Q, max_tokens=24, temperature=0, stream=True))
+    assert streamed[0] == SECRET_A
+    for call in (lambda: bob.chat.completions.create(model=memorised["path"],
+                                                     messages=SECRET_Q, max_tokens=4),
+                 lambda: bob.completions.create(model=memorised["path"], prompt="x",
+                                                max_tokens=4)):
+        with pytest.raises(openai.NotFoundError) as err:
+            call()
+        assert err.value.body["code"] == "model_not_found"
+
+
+def test_tutoring_evaluation_through_the_endpoint_scores_as_the_job(server, keys, memorised,
+                                                                    tokenizer):
+    """Exact match over a few rows: the job evaluator (greedy `sample` with the renderer)
+    and the same rows answered through /chat/completions give the same score."""
+    from tuneforge.jobs import evaluate
+    from tuneforge.jobs.model import pick_renderer
+
+    sampler = memorised["sc"].create_sampling_client(model_path=memorised["path"]).result()
+    _, renderer = pick_renderer(None, MODEL, copy.deepcopy(tokenizer))
+    rows = [{"messages": SECRET_Q + [{"role": "assistant", "content": SECRET_A}]},
+            {"messages": [{"role": "user", "content": "What is the secret word, please?"},
+                          {"role": "assistant", "content": SECRET_A}]},
+            {"messages": [{"role": "user", "content": "What is 2 + 2?"},
+                          {"role": "assistant", "content": "4"}]}]
+    prompts = [r["messages"][:-1] for r in rows]
+    refs = [r["messages"][-1]["content"] for r in rows]
+    job = evaluate.text_scores(evaluate.generate(sampler, renderer, prompts, 24), refs)
+    client = oai(server, keys["alice"])
+    preds = [client.chat.completions.create(model=memorised["path"], messages=p, max_tokens=24,
+                                            temperature=0).choices[0].message.content
+             for p in prompts]
+    ours = evaluate.text_scores(preds, refs)
+    assert ours["exact_match"] == job["exact_match"] >= 1 / 3

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from tuneforge.engine.sampler import SampleRequest, SamplingParams
+from tuneforge.engine.sampler import SampleRequest, SamplingParams, TokenDelta
 from tuneforge.server import chat, chat_answer, chat_request
 
 MODEL = "tuneforge/tiny-qwen3"
@@ -99,3 +99,71 @@ def test_off_values_and_text_parts_are_accepted():
     assert req.max_new_tokens() == 7
     assert req.template_messages() == [{"role": "system", "content": "be brief"},
                                        {"role": "user", "content": "a\nb"}]
+
+
+# ---- live streaming ---------------------------------------------------------------------------
+
+def _deltas(ids: list[int], reason: str) -> list[TokenDelta]:
+    return [TokenDelta(0, t, -0.5, None, None, reason if i == len(ids) - 1 else None)
+            for i, t in enumerate(ids)]
+
+
+@pytest.mark.parametrize("stops", [(), ("世界",), ("🦊",), ("done",), ("Grüße, 世界!x",),
+                                   ("e, ", "!"), (" done",)])
+def test_text_stream_releases_what_the_answer_holds(tokenizer, stops):
+    """Fed token by token, the releases concatenate to the non-streamed content, never show
+    the beginning of a stop string before it is known not to be one, and carry its tokens."""
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    p = prepared(tokenizer, stop=list(stops))
+    for tail, why in ((ids, "length"), (ids + [2], "stop")):  # 2: the end token of `prepared`
+        want = chat_answer.choices(tokenizer, p, [seq(tail, why)])[0]
+        ts = chat_answer.TextStream(tokenizer, p.sample.prompt[-5:], p.end_ids, tuple(stops))
+        text, tokens = "", []
+        for d in _deltas(tail, why):
+            r = ts.feed(d)
+            if r is None:
+                continue
+            text += r.text
+            tokens += [t for t, _, _ in r.tokens]
+            assert not any(s in text for s in stops)
+            if not ts.finished:  # nothing released could begin a stop string
+                assert not any(text.endswith(s[:k]) for s in stops for k in range(1, len(s)))
+        assert text == want.content
+        assert tokens == want.tokens
+        assert ts.finish_reason == want.finish_reason
+
+
+def test_decoder_streams_tokens_and_drops_a_cancelled_request(registry):
+    """The decoder pushes each step's tokens to a streaming request's listener (the same
+    tokens as its result), and a cancelled stream's rows leave the batch at the next step."""
+    from tuneforge.engine import decoder
+    from tuneforge.scheduler.futures import TokenStream
+
+    base = registry.get(MODEL)
+    params = SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=frozenset())
+    live, cancel = TokenStream(), TokenStream()
+    dec = decoder.Decoder(base, max_rows=8)
+    dec.admit("a", None, SampleRequest(prompt=[1, 2, 3], num_samples=2, params=params,
+                                       topk_sample_logprobs=2, stream=live))
+    dec.admit("b", None, SampleRequest(prompt=[4, 5], num_samples=1, params=params,
+                                       stream=cancel))
+    dec.admit("c", None, SampleRequest(prompt=[6], num_samples=1, params=params))
+    done = {}
+    for step in range(20):
+        if step == 2:
+            cancel.cancel()
+        done.update(dec.step())
+        if not dec.pending:
+            break
+    got = live.get(0)
+    for i in (0, 1):
+        mine = [d for d in got if d.index == i]
+        assert [d.token for d in mine] == done["a"].sequences[i].tokens
+        assert [d.logprob for d in mine] == done["a"].sequences[i].logprobs
+        assert all(len(d.topk_ids) == 2 for d in mine)
+        assert [d.stop_reason for d in mine] == [None] * 11 + ["length"]
+    assert len(done["b"].sequences[0].tokens) == 3  # steps 0-2, then it left
+    assert len(done["c"].sequences[0].tokens) == 12
+    assert live.steps == 12 and cancel.steps == 3
+    live.close()
+    assert live.get(0) is None

@@ -103,7 +103,8 @@ def test_4bit_loss_logprobs_and_lora_gradients_equal_the_dense_twin(registry, ki
 def test_the_base_is_really_quantized_and_smaller(registry):
     dense, nf4, fp4 = registry.get(TINY), registry.get(NF4), registry.get(f"{TINY}@fp4")
     layers = quantized.quantized_layers(nf4.model)
-    assert {p.removesuffix(".base") for p, _ in layers} == {p for g in ("attn", "mlp") for p in nf4.targets[g]}
+    adapted = {p for g in ("attn", "mlp") for p in nf4.targets[g]}
+    assert {p.removesuffix(".base") for p, _ in layers} == adapted
     head = nf4.model.get_output_embeddings()
     assert type(getattr(head, "base", head)) is torch.nn.Linear  # lm_head stays full precision
 

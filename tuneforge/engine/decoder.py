@@ -7,6 +7,11 @@ temperature, top-k/top-p, stops and per-sample generators) and runs one forward 
 rows still running, each routed to its request's adapter; a finished row leaves the batch at
 once and frees its place for a waiting request.
 
+Streaming: a request with a `stream` listener gets each step's new tokens pushed to it (one
+`push` per step with a `TokenDelta` per row, on this thread; `push` only queues them), and once
+its listener is cancelled its rows leave the batch at the next step, as if at their length
+limit.
+
 Rows have different lengths, so the batch cache is left-padded: a boolean mask marks the real
 positions and every row carries its own position id. Columns that only hold padding are cut away
 as rows leave. A row's result does not depend on its neighbours beyond float rounding.
@@ -28,6 +33,7 @@ from tuneforge.engine.sampler import (
     SampleRequest,
     SampleResult,
     StopChecker,
+    TokenDelta,
     alt_tokens,
     filter_logits,
     prompt_scores,
@@ -132,6 +138,9 @@ class Decoder:
         for p, start in rows:
             k = p.request.topk_sample_logprobs
             top = torch.topk(logprobs[start:start + len(p.live)], k) if k > 0 else None
+            stream = p.request.stream
+            cancelled = stream is not None and stream.cancelled
+            deltas: list[TokenDelta] = []
             still = []
             for r, sample_index in enumerate(p.live):
                 seq = p.result.sequences[sample_index]
@@ -140,11 +149,21 @@ class Decoder:
                 if top is not None:
                     seq.topk_ids.append(top.indices[r].tolist())
                     seq.topk_logprobs.append(top.values[r].tolist())
+                reason = None
                 if p.stop(seq.tokens):
-                    seq.stop_reason = "stop"
-                elif p.steps + 1 < p.request.params.max_tokens:
+                    seq.stop_reason = reason = "stop"
+                elif p.steps + 1 < p.request.params.max_tokens and not cancelled:
                     still.append(sample_index)
                     keep.append(start + r)
+                else:  # the length limit, or a stream whose reader went away
+                    reason = "length"
+                if stream is not None:
+                    deltas.append(TokenDelta(
+                        sample_index, seq.tokens[-1], seq.logprobs[-1],
+                        seq.topk_ids[-1] if top is not None else None,
+                        seq.topk_logprobs[-1] if top is not None else None, reason))
+            if stream is not None:
+                stream.push(deltas)
             p.live, p.steps = still, p.steps + 1
         finished = [(p.handle, p.result) for p in self.pending if not p.live]
         self.pending = [p for p in self.pending if p.live]

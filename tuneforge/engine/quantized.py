@@ -76,7 +76,7 @@ def load(folder: Path, name: str, quantization: str, double_quant: bool,
     if not layers:
         raise UserError(f"base_model '{name}': quantization={quantization} found no linear "
                         "layers to quantize")
-    for path, layer in layers:
+    for _, layer in layers:
         if hasattr(layer, "support_avx512bf16_for_cpu"):
             layer.support_avx512bf16_for_cpu = False
         _refuse_moves(layer, name, quantization)

@@ -18,6 +18,7 @@ disables every stop, as the SDK documents). The token that triggers a stop is in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -35,6 +36,27 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class TokenDelta:
+    """One new token of one sample of a streaming request, as the decoder picked it."""
+
+    index: int  # the sample (row) of the request
+    token: int
+    logprob: float
+    topk_ids: list[int] | None = None  # when the request asked for topk_sample_logprobs
+    topk_logprobs: list[float] | None = None
+    stop_reason: str | None = None  # on the sample's last token: "stop" | "length"
+
+
+class TokenListener(Protocol):
+    """What the decoder needs of a stream (engine thread): `push` must never block."""
+
+    @property
+    def cancelled(self) -> bool: ...
+
+    def push(self, deltas: list[TokenDelta]) -> None: ...
+
+
+@dataclass(frozen=True)
 class SampleRequest:
     prompt: list[int]
     num_samples: int
@@ -45,6 +67,9 @@ class SampleRequest:
     prompt_logprobs_last_n: int | None = None
     target_prompt_ids: np.ndarray | None = None  # int64 [P-1, K]; -1 = nothing requested
     prompt_alt_tokens_k: int = 0
+    # A streaming request's listener (`scheduler.futures.TokenStream`): the decoder pushes each
+    # step's new tokens to it and drops the request's rows once it is cancelled.
+    stream: TokenListener | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

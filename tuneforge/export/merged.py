@@ -22,16 +22,19 @@ from torch import nn
 
 from tuneforge.engine import lora, quantized
 from tuneforge.engine.models import ModelRegistry
+from tuneforge.errors import UserError
 from tuneforge.storage import checkpoints
 
 _SIXTEEN_BIT = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def write_merged(folder: Path, dest: Path, registry: ModelRegistry) -> Path:
-    """Write checkpoint `folder`'s base model with the adapter merged in into the empty folder
-    `dest`; `registry` says what the checkpoint's base model name stands for and loads it."""
-    from transformers import AutoTokenizer
+MERGED_DTYPES = ("f32", "bf16")
+_TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 
+
+def merged_model(folder: Path, registry: ModelRegistry) -> tuple[nn.Module, str, Path]:
+    """Checkpoint `folder`'s base model with the adapter merged in, fp32 on the CPU, with the
+    served name of its base and the folder of the base's HF files."""
     ckpt = checkpoints.load(folder)
     name = ckpt.metadata.get("base_model") or ckpt.adapter_config["base_model_name_or_path"]
     base_folder = registry.resolve(name)
@@ -40,10 +43,27 @@ def write_merged(folder: Path, dest: Path, registry: ModelRegistry) -> Path:
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(base_folder))
+        model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32)
     scaling = float(ckpt.adapter_config["lora_alpha"]) / int(ckpt.adapter_config["r"])
     lora.merge_into(model, ckpt.A, ckpt.B, scaling)
-    if registry.spec(name).quantized:
+    return model, name, base_folder
+
+
+def write_merged(folder: Path, dest: Path, registry: ModelRegistry,
+                 dtype: str | None = None) -> Path:
+    """Write checkpoint `folder`'s base model with the adapter merged in into the empty folder
+    `dest`; `registry` says what the checkpoint's base model name stands for and loads it.
+    `dtype` is f32 or bf16; by default a full-precision base is written in fp32 and a
+    quantized base in its config's 16-bit dtype (`export_dtype`)."""
+    from transformers import AutoTokenizer
+
+    if dtype is not None and dtype not in MERGED_DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(MERGED_DTYPES)} for "
+                        "--format merged")
+    model, name, base_folder = merged_model(folder, registry)
+    if dtype is not None:
+        model.to(_TORCH_DTYPES[dtype])
+    elif registry.spec(name).quantized:
         model.to(export_dtype(base_folder))  # after the merge: W + sBA is rounded once
     model.save_pretrained(dest)
     AutoTokenizer.from_pretrained(str(base_folder)).save_pretrained(dest)

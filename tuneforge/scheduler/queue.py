@@ -18,6 +18,9 @@ contributes at most one request to a pass, so a tenant that sends huge requests 
 by at most one pass, and every sampling request advances by one token per loop turn however much
 training is queued. An `optim_step` waits only for its own model's earlier requests.
 
+A streaming sampling request (its future carries a `TokenStream`) gets its tokens from the
+decoder at every step; one whose reader went away before admission is failed without decoding.
+
 A request that fails fails only its own future: a `TuneforgeError` with its own message and
 category, anything else as a server error with the traceback logged.
 """
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 
 from tuneforge.engine.sampler import SampleRequest, SampleResult
 from tuneforge.engine.types import ForwardBackwardInput, ForwardBackwardResult
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import TuneforgeError, UserError
 from tuneforge.scheduler.futures import Future, FutureStore
 from tuneforge.scheduler.stats import Stats
 
@@ -274,6 +277,12 @@ class Scheduler:
                 if not self._samples:
                     return
                 fut, work = self._samples[0]
+            if fut.stream is not None and fut.stream.cancelled:  # its reader left while queued
+                self._finish(fut, error=UserError("the streaming request was cancelled by its "
+                                                  "client before decoding began"))
+                with self._cond:
+                    self._samples.popleft()
+                continue
             try:
                 sampler_id, request = work.sample()
                 if not self.engine.has_room(sampler_id, request):

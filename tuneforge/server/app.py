@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.server.routes import (
+    anthropic,
     client,
     console,
     files,
@@ -60,7 +61,7 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
                   redoc_url=None)
     app.state.tf = state
     for module in (client, sessions, training, weights, sampling, futures, runs, files, metrics,
-                   jobs, run_metrics, system, oai):
+                   jobs, run_metrics, system, oai, anthropic):
         app.include_router(module.router)
     console.install(app)
     _install_error_handlers(app)

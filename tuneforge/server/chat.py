@@ -1,5 +1,5 @@
-"""Chat completions over the engine's samplers: everything of the OpenAI-compatible chat API
-that is not HTTP (the routes are `routes/oai.py`).
+"""Chat completions and completions over the engine's samplers: everything of the
+OpenAI-compatible API that is not HTTP (the routes are `routes/oai.py`).
 
 A chat request becomes the engine's `SampleRequest` and is submitted to the same scheduler
 queue, and decoded in the same continuous batch, as a Tinker `sample` call; only the framing
@@ -11,6 +11,10 @@ differs:
 - The prompt is the base model's own chat template (transformers' `apply_chat_template` with
   `add_generation_prompt=True`) rendered to text and encoded without adding special tokens, which
   is what a client gets from the model's tokenizer for the same messages.
+- A (legacy) completion is the same without the template: `prepare_completion` makes one
+  request per prompt, which stops on the EOS ids and the stop strings.
+- `submit(..., stream=True)` gives the future a `TokenStream` that the decoder fills with each
+  step's new tokens (what live streams are made of).
 - Stops: the model's EOS ids, the end-of-turn token its template writes after an assistant
   message, and the request's stop strings. The answer excludes the end-of-turn token and
   everything from a stop string on, as OpenAI's API does; `usage.completion_tokens` counts every
@@ -31,7 +35,7 @@ import hashlib
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import select
 
@@ -39,9 +43,9 @@ from tuneforge.engine.engine import Engine
 from tuneforge.engine.models import BaseModel
 from tuneforge.engine.sampler import SampleRequest, SampleResult, SamplingParams
 from tuneforge.errors import EngineError, NotFound, TuneforgeError, UserError
-from tuneforge.scheduler.futures import Future
+from tuneforge.scheduler.futures import Future, TokenStream
 from tuneforge.scheduler.queue import Work
-from tuneforge.server.chat_request import ChatRequest, InvalidParam
+from tuneforge.server.chat_request import ChatRequest, CompletionRequest, InvalidParam
 from tuneforge.server.state import ServerState, parse_tinker_path
 from tuneforge.storage.db import CheckpointRow, TrainingRunRow
 
@@ -70,7 +74,7 @@ class ChatModel:
 
 @dataclass
 class PreparedChat:
-    request: ChatRequest
+    request: ChatRequest | CompletionRequest
     model: ChatModel
     sample: SampleRequest
     end_ids: frozenset[int]  # tokens that end the answer and are not part of it
@@ -202,19 +206,65 @@ def end_of_turn_ids(tokenizer, base: BaseModel) -> frozenset[int]:
 
 def prepare(state: ServerState, owner: str, req: ChatRequest) -> PreparedChat:
     """Resolve the model, render the prompt and build the engine request (on a request thread)."""
-    lim = state.settings.limits
     target = resolve_model(state, owner, req.model)
     base = state.registry.get(target.base_model)
     tokenizer = tokenizer_for(str(base.tokenizer_dir))
     prompt = render_prompt(tokenizer, base, req.template_messages())
+    _check_prompt_length(state, base, prompt, "messages")
+    end_ids = base.eos_token_ids | end_of_turn_ids(tokenizer, base)
+    name = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
+    sample = _sample_request(state, base, prompt, req, req.max_new_tokens(), name, end_ids,
+                             (req.top_logprobs or 0) if req.logprobs else 0)
+    return PreparedChat(req, target, sample, end_ids, str(base.tokenizer_dir),
+                        f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+
+
+def prepare_completion(state: ServerState, owner: str,
+                       req: CompletionRequest) -> list[PreparedChat]:
+    """A legacy completions request: one engine request per prompt, the prompt as given (text
+    encoded with the tokenizer's special tokens, as vLLM does; no chat template), stopping on the
+    model's EOS tokens and the stop strings."""
+    target = resolve_model(state, owner, req.model)
+    base = state.registry.get(target.base_model)
+    tokenizer = tokenizer_for(str(base.tokenizer_dir))
+    vocab = base.vocab_size
+    completion_id, created, out = f"cmpl-{uuid.uuid4().hex}", int(time.time()), []
+    many = len(req.prompts()) > 1
+    for i, text in enumerate(req.prompts()):
+        where = f"prompt[{i}]" if many else "prompt"
+        if isinstance(text, str):
+            prompt = list(tokenizer.encode(text, add_special_tokens=True))
+        else:
+            prompt = list(text)
+            bad = next((t for t in prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidParam(f"{where}: token id {bad} is outside the vocabulary "
+                                   f"(0..{vocab - 1})", "prompt")
+        if not prompt:
+            raise InvalidParam(f"{where}: encodes to no tokens", "prompt")
+        _check_prompt_length(state, base, prompt, "prompt")
+        sample = _sample_request(state, base, prompt, req, req.max_new_tokens(), "max_tokens",
+                                 base.eos_token_ids, req.logprobs or 0)
+        out.append(PreparedChat(req, target, sample, base.eos_token_ids, str(base.tokenizer_dir),
+                                completion_id, created))
+    return out
+
+
+def _check_prompt_length(state: ServerState, base: BaseModel, prompt: list[int],
+                         param: str) -> None:
+    lim = state.settings.limits
     longest = min(lim.max_tokens_per_request, base.max_context - 1)
     if len(prompt) > longest:
-        raise InvalidParam(f"messages: the prompt is {len(prompt)} tokens; the limit is "
+        raise InvalidParam(f"{param}: the prompt is {len(prompt)} tokens; the limit is "
                            f"{longest} (model context {base.max_context}, "
-                           f"max_tokens_per_request={lim.max_tokens_per_request})", "messages")
+                           f"max_tokens_per_request={lim.max_tokens_per_request})", param)
+
+
+def _sample_request(state: ServerState, base: BaseModel, prompt: list[int],
+                    req: ChatRequest | CompletionRequest, max_tokens: int | None, name: str,
+                    end_ids: frozenset[int], top_logprobs: int) -> SampleRequest:
+    lim = state.settings.limits
     room = base.max_context - len(prompt)
-    max_tokens = req.max_new_tokens()
-    name = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
     if max_tokens is None:
         max_tokens = min(lim.max_sample_tokens, room)
     elif not 1 <= max_tokens <= lim.max_sample_tokens:
@@ -227,30 +277,35 @@ def prepare(state: ServerState, owner: str, req: ChatRequest) -> PreparedChat:
     if not 1 <= req.num_choices <= lim.max_samples_per_request:
         raise InvalidParam(f"n must be between 1 and max_samples_per_request="
                            f"{lim.max_samples_per_request}, got {req.num_choices}", "n")
-    if req.top_logprobs is not None and req.top_logprobs > lim.max_topk_logprobs:
-        raise InvalidParam(f"top_logprobs must be at most max_topk_logprobs="
-                           f"{lim.max_topk_logprobs}, got {req.top_logprobs}", "top_logprobs")
-    end_ids = base.eos_token_ids | end_of_turn_ids(tokenizer, base)
+    if top_logprobs > lim.max_topk_logprobs:
+        param = "top_logprobs" if isinstance(req, ChatRequest) else "logprobs"
+        raise InvalidParam(f"{param} must be at most max_topk_logprobs="
+                           f"{lim.max_topk_logprobs}, got {top_logprobs}", param)
     params = SamplingParams(max_tokens=max_tokens, temperature=req.sampling_temperature,
                             top_k=req.top_k if req.top_k is not None else -1,
                             top_p=req.top_p if req.top_p is not None else 1.0, seed=req.seed,
                             stop_token_ids=end_ids, stop_strings=req.stop_strings())
-    sample = SampleRequest(prompt=prompt, num_samples=req.num_choices, params=params,
-                           topk_sample_logprobs=(req.top_logprobs or 0) if req.logprobs else 0)
-    return PreparedChat(req, target, sample, end_ids, str(base.tokenizer_dir),
-                        f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+    return SampleRequest(prompt=prompt, num_samples=req.num_choices, params=params,
+                         topk_sample_logprobs=top_logprobs)
 
 
-def submit(state: ServerState, owner: str, chat: PreparedChat) -> Future:
-    """Queue the request with the Tinker samples; its future's result is the raw sequences."""
+def submit(state: ServerState, owner: str, chat: PreparedChat, stream: bool = False,
+           request_type: str = "ChatCompletion") -> Future:
+    """Queue the request with the Tinker samples; its future's result is the raw sequences.
+
+    With `stream`, the future carries a `TokenStream` (`fut.stream`) that receives the tokens
+    as they are decoded and ends when the future finishes."""
     folder = (state.paths.checkpoint(*parse_tinker_path(chat.model.checkpoint))
               if chat.model.checkpoint else None)
+    fut = state.futures.create(request_type, owner)
+    if stream:
+        fut.stream = TokenStream()
+    sample = replace(chat.sample, stream=fut.stream) if stream else chat.sample
 
     def admit() -> tuple[str, SampleRequest]:  # on the engine thread, at admission
         load_sampler(state.engine, chat.model, folder)
-        return chat.model.sampler_id, chat.sample
+        return chat.model.sampler_id, sample
 
-    fut = state.futures.create("ChatCompletion", owner)
     work = Work(lane=chat.model.base_model, sample=admit, encode_sample=_sequences_json)
     return state.scheduler.submit(fut, work)
 

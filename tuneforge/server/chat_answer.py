@@ -11,8 +11,9 @@ the logprob entries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from tuneforge.engine.sampler import TokenDelta
 from tuneforge.server.chat import PreparedChat
 
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the answer, so its first word keeps its space
@@ -63,14 +64,15 @@ def detokenize(tokenizer, context: list[int], tokens: list[int]) -> list[str]:
     """Each token's share of the decoded text of `tokens` (decoded after `context`)."""
     ids = list(context) + list(tokens)
     prefix, read = 0, len(context)
+    before = tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
     pieces = []
     for i in range(len(context), len(ids)):
-        before = tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
         after = tokenizer.decode(ids[prefix:i + 1], skip_special_tokens=True)
         last = i + 1 == len(ids)
         if len(after) > len(before) and (last or not after.endswith("\ufffd")):
             pieces.append(after[len(before):])
             prefix, read = read, i + 1
+            before = tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
         else:
             pieces.append("")
     return pieces
@@ -124,21 +126,271 @@ def opening_chunks(chat: PreparedChat) -> list[dict]:
             for i in range(chat.request.num_choices)]
 
 
-def content_chunks(tokenizer, chat: PreparedChat, answer: list[Choice]) -> list[dict]:
-    """One chunk per answer token (its text delta and logprob entry), each choice's closing
-    chunk with its finish reason, and the usage chunk when `stream_options.include_usage`."""
-    want_lp = bool(chat.request.logprobs)
-    out = []
-    for c in answer:
-        entries = logprob_entries(tokenizer, c) if want_lp else [None] * len(c.tokens)
-        for piece, entry in zip(c.pieces, entries, strict=True):
-            if not piece and entry is None:
-                continue
-            out.append(_chunk(chat, [{"index": c.index, "delta": {"content": piece},
-                                      "logprobs": {"content": [entry]} if entry else None,
-                                      "finish_reason": None}]))
-        out.append(_chunk(chat, [{"index": c.index, "delta": {}, "logprobs": None,
-                                  "finish_reason": c.finish_reason}]))
-    if chat.request.include_usage:
-        out.append(_chunk(chat, [], usage(chat, answer)))
-    return out
+# ---- live streaming ---------------------------------------------------------------------------
+
+@dataclass
+class Released:
+    """What one choice's stream releases at once: text, and the tokens it came from."""
+
+    text: str
+    tokens: list[tuple[int, float, list[tuple[int, float]]]]  # (id, logprob, top (id, logprob))
+    finish_reason: str | None = None  # on the choice's last release: "stop" | "length"
+    offsets: list[int] = field(default_factory=list)  # each token's text offset in the answer
+
+
+@dataclass
+class TextStream:
+    """One choice's answer text, released as its tokens arrive from the decoder.
+
+    Detokenized incrementally as `detokenize` does (a token that ends inside a multi-byte
+    character adds nothing until the character is complete); the end-of-turn token is left out;
+    text that could be the beginning of a stop string is held back until it is known not to be,
+    and the text from a stop string on is never released. So the releases concatenate to the
+    non-streamed answer's content, and their tokens to its logprob entries.
+    """
+
+    tokenizer: object
+    context: list[int]  # prompt tokens decoded before the answer
+    end_ids: frozenset[int]
+    stops: tuple[str, ...]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of `text` released
+    finish_reason: str | None = None
+    _prefix: int = 0
+    _read: int = 0
+    _before: str | None = None  # the decoded ids[_prefix:_read]
+    _held: list[tuple[int, float, list[tuple[int, float]], int, int]] = field(
+        default_factory=list)  # tokens not released yet, with their piece's (start, end)
+    sampled: int = 0
+
+    def __post_init__(self) -> None:
+        self.ids = list(self.context)
+        self._prefix = 0
+        self._read = len(self.ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def feed(self, delta: TokenDelta) -> Released | None:
+        """Take the choice's next token; what may be released now (None if nothing)."""
+        if self.finished:
+            return None
+        self.sampled += 1
+        last = delta.stop_reason is not None
+        if not (last and delta.stop_reason == "stop" and delta.token in self.end_ids):
+            top = list(zip(delta.topk_ids or [], delta.topk_logprobs or [], strict=True))
+            start = len(self.text)
+            self.text += self._piece(delta.token, last)
+            self._held.append((delta.token, delta.logprob, top, start, len(self.text)))
+        elif last:
+            self.text += self._flush()
+            if self._held:  # the flushed text belongs to the last real token
+                t, lp, top, start, _ = self._held[-1]
+                self._held[-1] = (t, lp, top, start, len(self.text))
+        cut = min((at for s in self.stops if (at := self.text.find(s)) >= 0), default=None)
+        if cut is not None:
+            self.finish_reason = "stop"
+            return self._release(cut, final=True)
+        if last:
+            self.finish_reason = delta.stop_reason
+            return self._release(len(self.text), final=True)
+        return self._release(len(self.text) - self._hold_back(), final=False)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _piece(self, token: int, last: bool) -> str:
+        self.ids.append(token)
+        if self._before is None:
+            self._before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        before = self._before
+        if len(after) > len(before) and (last or not after.endswith("\ufffd")):
+            self._prefix, self._read = self._read, len(self.ids)
+            self._before = None
+            return after[len(before):]
+        return ""
+
+    def _flush(self) -> str:
+        """Text of tokens still waiting for the rest of a character (the answer has ended)."""
+        if self._read == len(self.ids):
+            return ""
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        self._before = None
+        return after[len(before):] if len(after) > len(before) else ""
+
+    def _hold_back(self) -> int:
+        """How many trailing characters could begin a stop string."""
+        longest = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def _release(self, upto: int, final: bool) -> Released | None:
+        upto = max(upto, self.sent)
+        out, offsets = [], []
+        while self._held:
+            t, lp, top, start, end = self._held[0]
+            # as `choices` keeps the tokens that begin before a stop string's cut
+            if final and start < upto or not final and (end <= upto and (end > start
+                                                                         or start < upto)):
+                out.append((t, lp, top))
+                offsets.append(min(start, upto))
+                self._held.pop(0)
+            else:
+                break
+        if final:
+            self._held = []
+        text, self.sent = self.text[self.sent:upto], upto
+        if not text and not out and not final:
+            return None
+        return Released(text, out, self.finish_reason if final else None, offsets)
+
+
+class StreamChunks:
+    """A chat completion's stream chunks, made as the decoder's tokens arrive."""
+
+    def __init__(self, tokenizer, chat: PreparedChat) -> None:
+        self.tokenizer, self.chat = tokenizer, chat
+        context = chat.sample.prompt[-CONTEXT_TOKENS:]
+        self.texts = [TextStream(tokenizer, context, chat.end_ids, chat.request.stop_strings())
+                      for _ in range(chat.request.num_choices)]
+
+    def opening(self) -> list[dict]:
+        return opening_chunks(self.chat)
+
+    def feed(self, deltas: list[TokenDelta]) -> list[dict]:
+        """One chunk per choice that released text or tokens, then the closing chunk of each
+        choice that ended."""
+        released: dict[int, list[Released]] = {}
+        for d in deltas:
+            if (r := self.texts[d.index].feed(d)) is not None:
+                released.setdefault(d.index, []).append(r)
+        want_lp = bool(self.chat.request.logprobs)
+        out = []
+        for index, rs in released.items():
+            text = "".join(r.text for r in rs)
+            tokens = [t for r in rs for t in r.tokens]
+            if text or (want_lp and tokens):
+                entries = [{**_entry(self.tokenizer, t, lp),
+                            "top_logprobs": [_entry(self.tokenizer, i, v) for i, v in top]}
+                           for t, lp, top in tokens] if want_lp else None
+                out.append(_chunk(self.chat, [{"index": index, "delta": {"content": text},
+                                               "logprobs": {"content": entries} if want_lp
+                                               else None, "finish_reason": None}]))
+            if rs[-1].finish_reason is not None:
+                out.append(_chunk(self.chat, [{"index": index, "delta": {}, "logprobs": None,
+                                               "finish_reason": rs[-1].finish_reason}]))
+        return out
+
+    def closing(self, seqs: list[dict]) -> list[dict]:
+        """After the last token: the usage chunk when `stream_options.include_usage`."""
+        if not self.chat.request.include_usage:
+            return []
+        prompt = len(self.chat.sample.prompt)
+        completion = sum(len(s["tokens"]) for s in seqs)
+        return [_chunk(self.chat, [], {"prompt_tokens": prompt, "completion_tokens": completion,
+                                       "total_tokens": prompt + completion})]
+
+
+# ---- legacy completions -----------------------------------------------------------------------
+
+def legacy_logprobs(tokenizer, tokens: list[tuple[int, float, list[tuple[int, float]]]],
+                    offsets: list[int]) -> dict:
+    """The legacy `logprobs` object: token strings, their logprobs, the top alternatives (with
+    the sampled token, as OpenAI's), and each token's character offset in the text."""
+    def name(t: int) -> str:
+        return tokenizer.decode([t], skip_special_tokens=False)
+
+    tops = []
+    for t, lp, top in tokens:
+        entry = {name(i): v for i, v in top}
+        entry.setdefault(name(t), lp)
+        tops.append(entry)
+    return {"tokens": [name(t) for t, _, _ in tokens],
+            "token_logprobs": [lp for _, lp, _ in tokens], "top_logprobs": tops,
+            "text_offset": list(offsets)}
+
+
+def _choice_tokens(c: Choice) -> tuple[list, list[int]]:
+    offsets, at = [], 0
+    for piece in c.pieces:
+        offsets.append(at)
+        at += len(piece)
+    return list(zip(c.tokens, c.logprobs, c.top, strict=True)), offsets
+
+
+def text_completion(tokenizer, prepared: list[PreparedChat],
+                    answers: list[list[Choice]]) -> dict:
+    """OpenAI's `text_completion` object; choice `i * n + j` is prompt i's j-th sample."""
+    first = prepared[0]
+    want_lp = first.request.logprobs is not None
+    n = first.request.num_choices
+    choices_ = []
+    for i, answer in enumerate(answers):
+        for c in answer:
+            choices_.append({"index": i * n + c.index, "text": c.content,
+                             "logprobs": legacy_logprobs(tokenizer, *_choice_tokens(c))
+                             if want_lp else None, "finish_reason": c.finish_reason})
+    prompt = sum(len(p.sample.prompt) for p in prepared)
+    completion_ = sum(c.sampled for a in answers for c in a)
+    return {"id": first.completion_id, "object": "text_completion", "created": first.created,
+            "model": first.model.name, "choices": choices_,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion_,
+                      "total_tokens": prompt + completion_}}
+
+
+class CompletionChunks:
+    """A legacy completion's stream chunks for one of its prompts (number `which`)."""
+
+    def __init__(self, tokenizer, chat: PreparedChat, which: int) -> None:
+        self.tokenizer, self.chat = tokenizer, chat
+        self.first_index = which * chat.request.num_choices
+        context = chat.sample.prompt[-CONTEXT_TOKENS:]
+        self.texts = [TextStream(tokenizer, context, chat.end_ids, chat.request.stop_strings())
+                      for _ in range(chat.request.num_choices)]
+        self.include_usage = chat.request.include_usage
+
+    def _chunk(self, choices_: list[dict], with_usage: dict | None = None) -> dict:
+        out = {"id": self.chat.completion_id, "object": "text_completion",
+               "created": self.chat.created, "model": self.chat.model.name, "choices": choices_}
+        if self.include_usage:
+            out["usage"] = with_usage
+        return out
+
+    def feed(self, deltas: list[TokenDelta]) -> list[dict]:
+        released: dict[int, list[Released]] = {}
+        for d in deltas:
+            if (r := self.texts[d.index].feed(d)) is not None:
+                released.setdefault(d.index, []).append(r)
+        want_lp = self.chat.request.logprobs is not None
+        out = []
+        for index, rs in released.items():
+            text = "".join(r.text for r in rs)
+            tokens = [t for r in rs for t in r.tokens]
+            offsets = [o for r in rs for o in r.offsets]
+            if text or (want_lp and tokens):
+                out.append(self._chunk([{
+                    "index": self.first_index + index, "text": text,
+                    "logprobs": legacy_logprobs(self.tokenizer, tokens, offsets)
+                    if want_lp else None, "finish_reason": None}]))
+            if rs[-1].finish_reason is not None:
+                out.append(self._chunk([{"index": self.first_index + index, "text": "",
+                                         "logprobs": None,
+                                         "finish_reason": rs[-1].finish_reason}]))
+        return out
+
+    def usage_chunk(self, prepared: list[PreparedChat], seqs: list[list[dict]]) -> list[dict]:
+        if not self.include_usage:
+            return []
+        prompt = sum(len(p.sample.prompt) for p in prepared)
+        completion_ = sum(len(s["tokens"]) for ss in seqs for s in ss)
+        return [self._chunk([], {"prompt_tokens": prompt, "completion_tokens": completion_,
+                                 "total_tokens": prompt + completion_})]

@@ -1,17 +1,18 @@
-"""OpenAI-compatible API under /oai/api/v1: chat completions and the model list.
+"""OpenAI-compatible API under /oai/api/v1: chat completions, legacy completions and the model
+list.
 
-`POST /chat/completions` samples through the same scheduler queue and continuous-batching
-decoder as Tinker `sample` (server/chat.py builds the request). The handlers are plain `def`s:
-they run on the server's worker threads, which render the prompt, submit the request, and wait
-for its future without blocking the event loop.
+`POST /chat/completions` and `POST /completions` sample through the same scheduler queue and
+continuous-batching decoder as Tinker `sample` (server/chat.py builds the requests). The handlers
+are plain `def`s: they run on the server's worker threads, which render the prompt, submit the
+request, and wait for its future without blocking the event loop.
 
-Streaming (`stream: true`) answers OpenAI's server-sent events: `data: {chat.completion.chunk}`
-lines, then `data: [DONE]`. The decoder hands back a request only once it has finished, so the
-stream is not live token by token: the role chunk goes out at once, `: keepalive` comments
-while the answer is decoded, and then the finished answer as one chunk per token (its text
-delta, and its logprob entry when asked for), so the deltas concatenate to exactly the
-non-streamed content. A failure after the stream has started is sent as a `data: {"error": ...}`
-event.
+Streaming (`stream: true`) answers OpenAI's server-sent events: `data: {chunk}` lines, then
+`data: [DONE]`. It is live: the request's future carries a `TokenStream` that the decoder fills
+at every step, and the stream (an async generator on the event loop, with that thread's own
+tokenizer) turns each batch of new tokens into chunks (`chat_answer.TextStream`: incremental
+detokenization, stop strings held back), `: keepalive` comments while nothing arrives. A client
+that goes away cancels the stream, which frees the request's decoder rows at the next step. A
+failure after the stream has started is sent as a `data: {"error": ...}` event.
 
 Authentication takes `Authorization: Bearer <key>` (what OpenAI clients send) or `X-API-Key`.
 Errors answer in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, mapped by
@@ -22,20 +23,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator
+from typing import Annotated
 
 import anyio.from_thread
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneforge.errors import AuthError, NotFound, TuneforgeError
 from tuneforge.scheduler.futures import Future
 from tuneforge.server import chat, chat_answer, chat_request
 from tuneforge.server.deps import JsonBody, State
+from tuneforge.server.routes import compat
 from tuneforge.server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -60,64 +59,39 @@ def _error_of(exc: Exception) -> tuple[int, dict]:
         elif isinstance(exc, NotFound) and code is None:
             code = "not_found"
         return exc.status, error_body(exc.status, exc.message, getattr(exc, "param", None), code)
-    if isinstance(exc, RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
-                             for e in exc.errors()[:5])
-        return 400, error_body(400, problems or "invalid request body")
-    if isinstance(exc, StarletteHTTPException):
-        return exc.status_code, error_body(exc.status_code, str(exc.detail))
-    logger.error("chat API request failed", exc_info=exc)
-    return 500, error_body(500, f"internal error: {type(exc).__name__}")
+    return compat.error_of(exc, error_body, "chat API")
 
 
-class OpenAIRoute(APIRoute):
-    """Answers every error of its routes in OpenAI's error shape."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def guarded(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Exception as exc:  # every error gets the OpenAI shape
-                status, body = _error_of(exc)
-                return JSONResponse(body, status_code=status)
-
-        return guarded
-
-
-router = APIRouter(prefix="/oai/api/v1", route_class=OpenAIRoute)
-
-
-def oai_owner(request: Request) -> str:
-    """The owner id of the caller's key, from `Authorization: Bearer` or `X-API-Key`."""
-    key = request.headers.get("x-api-key")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if not key and scheme.lower() == "bearer":
-        key = token.strip()
-    if not key:
-        raise AuthError("missing API key: send it as `Authorization: Bearer <key>` or in the "
-                        "X-API-Key header")
-    identity = request.app.state.tf.keys.identify(key)
-    if identity is None:
-        raise AuthError("invalid or revoked API key")
-    return identity.owner
-
-
-OaiOwner = Annotated[str, Depends(oai_owner)]
+router = APIRouter(prefix="/oai/api/v1", route_class=compat.route_class(_error_of))
+OaiOwner = Annotated[str, Depends(compat.key_owner)]
 
 
 @router.post("/chat/completions")
 def chat_completions(state: State, owner: OaiOwner, body: JsonBody) -> Response:
     req = chat_request.parse(body)
     prepared = chat.prepare(state, owner, req)
-    fut = chat.submit(state, owner, prepared)
     if req.stream:
-        return StreamingResponse(_stream(state, prepared, fut), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache",
-                                          "X-Accel-Buffering": "no"})
+        fut = chat.submit(state, owner, prepared, stream=True)
+        return _sse(_stream(state, prepared, fut))
+    fut = chat.submit(state, owner, prepared)
     _wait(state, fut, None)
     return JSONResponse(_completion(prepared, fut))
+
+
+@router.post("/completions")
+def completions(state: State, owner: OaiOwner, body: JsonBody) -> Response:
+    req = chat_request.parse_completion(body)
+    prepared = chat.prepare_completion(state, owner, req)
+    futs = [chat.submit(state, owner, p, stream=bool(req.stream), request_type="Completion")
+            for p in prepared]
+    if req.stream:
+        return _sse(_stream_completion(prepared, futs))
+    for fut in futs:
+        _wait(state, fut, None)
+    tokenizer = chat.tokenizer_for_model(prepared[0])
+    answers = [chat_answer.choices(tokenizer, p, chat.sequences(f))
+               for p, f in zip(prepared, futs, strict=True)]
+    return JSONResponse(chat_answer.text_completion(tokenizer, prepared, answers))
 
 
 @router.get("/models")
@@ -134,7 +108,13 @@ def retrieve_model(model: str, state: State, owner: OaiOwner) -> dict:
                   include_in_schema=False)
 def not_served(rest: str, request: Request) -> Response:
     raise NotFound(f"{request.method} /oai/api/v1/{rest} is not served here (served: POST "
-                   "/oai/api/v1/chat/completions, GET /oai/api/v1/models)")
+                   "/oai/api/v1/chat/completions, POST /oai/api/v1/completions, GET "
+                   "/oai/api/v1/models)")
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _wait(state: ServerState, fut: Future, timeout: float | None) -> None:
@@ -152,24 +132,59 @@ def _completion(prepared: chat.PreparedChat, fut: Future) -> dict:
     return chat_answer.completion(tokenizer, prepared, answer)
 
 
-def _stream(state: ServerState, prepared: chat.PreparedChat, fut: Future) -> Iterator[str]:
-    # Starlette runs each step of this generator on a worker thread.
-    for chunk in chat_answer.opening_chunks(prepared):
-        yield _event(chunk)
-    while fut.state == "pending":
-        _wait(state, fut, KEEPALIVE_SECONDS)
-        if fut.state == "pending":
-            yield ": keepalive\n\n"
+async def _stream(state: ServerState, prepared: chat.PreparedChat,
+                  fut: Future) -> AsyncIterator[str]:
+    """The live stream: runs on the event loop (with the loop thread's own tokenizer); the
+    tokens come from the decoder as it picks them."""
     try:
-        tokenizer = chat.tokenizer_for_model(prepared)
-        answer = chat_answer.choices(tokenizer, prepared, chat.sequences(fut))
-        chunks = chat_answer.content_chunks(tokenizer, prepared, answer)
-    except Exception as exc:  # reported in the stream, which has begun
-        yield _event(_error_of(exc)[1])
-        return
-    for chunk in chunks:
-        yield _event(chunk)
-    yield "data: [DONE]\n\n"
+        chunks = chat_answer.StreamChunks(chat.tokenizer_for_model(prepared), prepared)
+        for chunk in chunks.opening():
+            yield _event(chunk)
+        async for deltas in fut.stream.abatches(KEEPALIVE_SECONDS):
+            if not deltas:
+                yield ": keepalive\n\n"
+                continue
+            for chunk in chunks.feed(deltas):
+                yield _event(chunk)
+        try:
+            seqs = chat.sequences(fut)
+        except Exception as exc:  # reported in the stream, which has begun
+            yield _event(_error_of(exc)[1])
+            return
+        for chunk in chunks.closing(seqs):
+            yield _event(chunk)
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away (or the stream is over): free the decoder rows
+        if fut.state == "pending":
+            fut.stream.cancel()
+
+
+async def _stream_completion(prepared: list[chat.PreparedChat],
+                             futs: list[Future]) -> AsyncIterator[str]:
+    """A legacy completion's live stream; with several prompts, one after the other (they are
+    decoded together; the later ones' tokens wait in their streams)."""
+    try:
+        tokenizer = chat.tokenizer_for_model(prepared[0])
+        streams = [chat_answer.CompletionChunks(tokenizer, p, i) for i, p in enumerate(prepared)]
+        for fut, chunks in zip(futs, streams, strict=True):
+            async for deltas in fut.stream.abatches(KEEPALIVE_SECONDS):
+                if not deltas:
+                    yield ": keepalive\n\n"
+                    continue
+                for chunk in chunks.feed(deltas):
+                    yield _event(chunk)
+        try:
+            seqs = [chat.sequences(f) for f in futs]
+        except Exception as exc:  # reported in the stream, which has begun
+            yield _event(_error_of(exc)[1])
+            return
+        for chunk in streams[0].usage_chunk(prepared, seqs):
+            yield _event(chunk)
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away (or the stream is over): free the decoder rows
+        for fut in futs:
+            if fut.state == "pending":
+                fut.stream.cancel()
 
 
 def _event(payload: dict) -> str:

@@ -29,7 +29,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from tuneforge.errors import NotFound, UserError
-from tuneforge.export.merged import write_merged
+from tuneforge.export import formats
 from tuneforge.server.deps import Owner, State
 from tuneforge.server.routes import runs
 from tuneforge.server.state import ServerState, tinker_path
@@ -151,15 +151,21 @@ def list_checkpoints(run_id: str, state: State, owner: Owner) -> dict:
 
 @router.get("/{run_id}/checkpoints/{kind}/{name}/archive")
 def checkpoint_archive(run_id: str, kind: str, name: str, state: State, owner: Owner,
-                       merged: bool = False) -> StreamingResponse:
-    """The checkpoint's PEFT files (or, merged, the full model) as a streamed .tar.gz."""
+                       merged: bool = False, format: str | None = None,  # noqa: A002
+                       dtype: str | None = None) -> StreamingResponse:
+    """The checkpoint as a streamed .tar.gz: its PEFT files, or (`format=`, see
+    export/formats.py; `merged=true` is `format=merged`) another export format."""
+    if merged and format not in (None, "merged"):
+        raise UserError(f"merged=true contradicts format={format!r}")
+    fmt = "merged" if merged else format or "peft"
+    formats.check_args(fmt, dtype)
     state.run(run_id, owner)
     row = state.checkpoint(tinker_path(run_id, kind, name), owner)
     folder = state.paths.checkpoint(run_id, kind, row.name)
     if not (folder / checkpoints.ADAPTER_FILE).exists():
         raise NotFound(f"checkpoint {row.tinker_path} has no files on this server")
     stem = f"{run_id}-{kind}-{name}".replace(":", "_")
-    if not merged:
+    if fmt == "peft" and dtype is None:
         files = [(folder / f, f"{stem}/{f}")
                  for f in (checkpoints.CONFIG_FILE, checkpoints.ADAPTER_FILE)]
         return _tar_response(files, f"{stem}.tar.gz")
@@ -167,15 +173,17 @@ def checkpoint_archive(run_id: str, kind: str, name: str, state: State, owner: O
     exports.mkdir(exist_ok=True)
     _remove_stale(exports)
     dest = exports / f"merge-{uuid.uuid4().hex[:12]}"
+    dest.mkdir()
     try:
         with _merging:
-            write_merged(folder, dest, state.registry)
+            formats.write(fmt, folder, dest, state.registry, dtype)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
-    files = [(p, f"{stem}-merged/{p.relative_to(dest)}")
+    top = f"{stem}-{fmt}" if fmt != "merged" else f"{stem}-merged"
+    files = [(p, f"{top}/{p.relative_to(dest)}")
              for p in sorted(dest.rglob("*")) if p.is_file()]
-    return _tar_response(files, f"{stem}-merged.tar.gz",
+    return _tar_response(files, f"{top}.tar.gz",
                          BackgroundTask(shutil.rmtree, dest, ignore_errors=True))
 
 

@@ -70,18 +70,30 @@ export function render(main, [runId]) {
     } catch (e) { clear(ckpts, banner("error", e.message)); }
   }
 
+  let chosenFormat = "merged";
   function actions(c) {
     const [kind, name] = c.checkpoint_id.split("/");
     const base = `/api/runs/${enc}/checkpoints/${encodeURIComponent(kind)}/${encodeURIComponent(name)}`;
     const file = `${runId.replace(/[^\w.-]+/g, "_")}-${name}`;
     const msg = h("span", { class: "small muted" });
+    // the formats of `tuneforge export --format` (export/formats.py); each a .tar.gz
+    // the table is redrawn every few seconds: the choice is kept across redraws
+    const exportFormat = h("select", { "aria-label": "export format",
+      onchange: (e) => { chosenFormat = e.target.value; } },
+      [["merged", "merged HF model"], ["gguf-lora", "GGUF LoRA (llama.cpp)"],
+        ["gguf-merged", "GGUF merged"], ["ollama", "Ollama folder"]].map(([v, label]) =>
+        h("option", { value: v, selected: v === chosenFormat }, label)));
     const act = (label, fn, cls = "secondary") => h("button", { class: cls, onclick: async () => {
       msg.textContent = "working…";
       try { await fn(); msg.textContent = ""; } catch (e) { msg.textContent = e.message; }
     } }, label);
     return h("span", { class: "row" },
       act("Download", () => download(`${base}/archive`, `${file}.tar.gz`)),
-      act("Export merged", () => download(`${base}/archive?merged=true`, `${file}-merged.tar.gz`)),
+      exportFormat,
+      act("Export", () => {
+        const fmt = exportFormat.value;
+        return download(`${base}/archive?format=${encodeURIComponent(fmt)}`, `${file}-${fmt}.tar.gz`);
+      }),
       kind === "sampler_weights" ? h("a", { class: "button secondary",
         href: `#/playground?model=${encodeURIComponent(c.tinker_path)}` }, "Playground") : null,
       act("Delete", async () => {
