@@ -97,6 +97,8 @@ class Console:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         self.shots += 1
         path = SCREENSHOTS / f"{self.name}-{self.shots:02d}-{label}.png"
+        # from the top: a full-page shot of a scrolled page paints the sticky header mid-page
+        self.page.evaluate("window.scrollTo(0, 0)")
         self.page.screenshot(path=str(path), full_page=True)
         return path
 
