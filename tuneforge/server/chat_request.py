@@ -76,7 +76,24 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
-class ChatRequest(_Strict):
+class _Sampling(_Strict):
+    """Values both request kinds derive from their fields `n`, `temperature` and
+    `stream_options` alike."""
+
+    @property
+    def num_choices(self) -> int:
+        return self.n if self.n is not None else 1
+
+    @property
+    def sampling_temperature(self) -> float:
+        return self.temperature if self.temperature is not None else 1.0
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(_Sampling):
     model: str = Field(min_length=1, max_length=2048)
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = None
@@ -93,19 +110,8 @@ class ChatRequest(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    # ---- derived values ----
+    # ---- derived values (and those of _Sampling) ----
 
-    @property
-    def num_choices(self) -> int:
-        return self.n if self.n is not None else 1
-
-    @property
-    def sampling_temperature(self) -> float:
-        return self.temperature if self.temperature is not None else 1.0
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
@@ -175,7 +181,7 @@ _COMPLETION_OFF_VALUES: dict[str, tuple] = {
 }
 
 
-class CompletionRequest(_Strict):
+class CompletionRequest(_Sampling):
     model: str = Field(min_length=1, max_length=2048)
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = None
@@ -191,17 +197,6 @@ class CompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    @property
-    def num_choices(self) -> int:
-        return self.n if self.n is not None else 1
-
-    @property
-    def sampling_temperature(self) -> float:
-        return self.temperature if self.temperature is not None else 1.0
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
 
     def max_new_tokens(self) -> int:
         return self.max_tokens if self.max_tokens is not None else 16  # OpenAI's default

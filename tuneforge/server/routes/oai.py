@@ -140,12 +140,8 @@ async def _stream(state: ServerState, prepared: chat.PreparedChat,
         chunks = chat_answer.StreamChunks(chat.tokenizer_for_model(prepared), prepared)
         for chunk in chunks.opening():
             yield _event(chunk)
-        async for deltas in fut.stream.abatches(KEEPALIVE_SECONDS):
-            if not deltas:
-                yield ": keepalive\n\n"
-                continue
-            for chunk in chunks.feed(deltas):
-                yield _event(chunk)
+        async for event in _relay(fut, chunks):
+            yield event
         try:
             seqs = chat.sequences(fut)
         except Exception as exc:  # reported in the stream, which has begun
@@ -159,6 +155,17 @@ async def _stream(state: ServerState, prepared: chat.PreparedChat,
             fut.stream.cancel()
 
 
+async def _relay(fut: Future, chunks) -> AsyncIterator[str]:
+    """The events of a future's tokens as the decoder picks them (`chunks.feed` makes the
+    chunks), with keepalive comments while none come, until its stream ends."""
+    async for deltas in fut.stream.abatches(KEEPALIVE_SECONDS):
+        if not deltas:
+            yield ": keepalive\n\n"
+            continue
+        for chunk in chunks.feed(deltas):
+            yield _event(chunk)
+
+
 async def _stream_completion(prepared: list[chat.PreparedChat],
                              futs: list[Future]) -> AsyncIterator[str]:
     """A legacy completion's live stream; with several prompts, one after the other (they are
@@ -167,12 +174,8 @@ async def _stream_completion(prepared: list[chat.PreparedChat],
         tokenizer = chat.tokenizer_for_model(prepared[0])
         streams = [chat_answer.CompletionChunks(tokenizer, p, i) for i, p in enumerate(prepared)]
         for fut, chunks in zip(futs, streams, strict=True):
-            async for deltas in fut.stream.abatches(KEEPALIVE_SECONDS):
-                if not deltas:
-                    yield ": keepalive\n\n"
-                    continue
-                for chunk in chunks.feed(deltas):
-                    yield _event(chunk)
+            async for event in _relay(fut, chunks):
+                yield event
         try:
             seqs = [chat.sequences(f) for f in futs]
         except Exception as exc:  # reported in the stream, which has begun
