@@ -52,7 +52,25 @@ def _serve_parser(sub) -> None:
     p.add_argument("--alias", action="append", metavar="NAME=MODEL", type=_alias,
                    help="serve MODEL (which may end in @nf4, @fp4 or @int8 for a quantized "
                    "copy) under NAME; repeat for several [TUNEFORGE_MODEL_ALIASES, a JSON object]")
+    p.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="run the engine in Ray actors: auto starts Ray on this machine (on "
+                   "127.0.0.1), an address joins a running cluster [TUNEFORGE_RAY]")
+    p.add_argument("--workers", type=int, help="engine worker actors, one device each "
+                   "(default 1; needs --ray) [TUNEFORGE_WORKERS]")
+    p.add_argument("--worker-threads", type=int, help="torch threads of each CPU worker "
+                   "(default 1) [TUNEFORGE_WORKER_THREADS]")
+    p.add_argument("--data-parallel", action="append", metavar="MODEL=K", type=_data_parallel,
+                   help="train MODEL's runs data-parallel over K workers; repeat for several "
+                   "[TUNEFORGE_DATA_PARALLEL, a JSON object]")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _data_parallel(text: str) -> tuple[str, int]:
+    name, sep, k = text.rpartition("=")
+    if not sep or not name or not k.isdigit():
+        raise argparse.ArgumentTypeError(f"--data-parallel {text!r}: expected MODEL=K, "
+                                         "e.g. Qwen/Qwen3-8B=2")
+    return name, int(k)
 
 
 def _alias(text: str) -> tuple[str, str]:
@@ -197,6 +215,8 @@ def serve(args: argparse.Namespace) -> int:
         "models_dir": args.models_dir,
         "preload_models": args.preload, "num_threads": args.threads, "dtype": args.dtype,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "ray": args.ray, "workers": args.workers, "worker_threads": args.worker_threads,
+        "data_parallel": dict(args.data_parallel) if args.data_parallel else None,
     }
     if args.alias:  # added to those of TUNEFORGE_MODEL_ALIASES
         overrides["model_aliases"] = {**Settings().model_aliases, **dict(args.alias)}

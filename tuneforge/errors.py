@@ -68,3 +68,8 @@ class EngineError(TuneforgeError, RuntimeError):
 
     status = 500
     category = "server"
+
+
+class WorkerLost(EngineError):
+    """The engine worker serving a request went away (killed, out of memory) and what it held
+    in memory with it; other workers are unaffected."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tuneforge import quantization as quant
@@ -121,7 +121,38 @@ class Settings(BaseSettings):
     """How long a finished future's result is kept after it completes."""
     fwdbwd_max_chunk_len: int = Field(256, ge=1)
     """Datums per forward_backward request that the SDK is told to send at most."""
+    ray: str | None = None
+    """Run the engine in Ray actors: "auto" starts a Ray instance on this machine (listening on
+    127.0.0.1 only), an address ("HOST:PORT", "ray://…") joins a running cluster; unset: one
+    engine in the server's process, and Ray is not imported."""
+    workers: int = Field(1, ge=1, le=256)
+    """Engine workers (Ray actors), each owning one device and the models placed on it."""
+    worker_gpus: float | None = Field(None, ge=0)
+    """GPUs per worker actor; unset: 1 where the cluster has GPUs, else 0 (a CPU worker)."""
+    worker_threads: int = Field(1, ge=1)
+    """torch threads (and Ray CPUs) of each CPU worker actor."""
+    data_parallel: dict[str, int] = Field(default_factory=dict)
+    """Base model → K: its runs are data-parallel over K workers (a replica of each adapter on
+    every one, the batch split between them, LoRA gradients all-reduced before each step)."""
     limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="after")
+    def _workers_need_ray(self) -> Settings:
+        if self.ray is None:
+            if self.workers > 1:
+                raise ValueError(f"workers={self.workers} needs ray (--ray auto or an address); "
+                                 "without it the engine runs in the server's process")
+            if self.data_parallel:
+                raise ValueError("data_parallel needs ray (--ray auto or an address)")
+        for base, k in self.data_parallel.items():
+            if not 2 <= k <= self.workers:
+                raise ValueError(f"data_parallel[{base!r}] = {k}: a group needs between 2 and "
+                                 f"workers={self.workers} workers")
+        if sum(self.data_parallel.values()) > self.workers:
+            raise ValueError(f"data_parallel groups need {sum(self.data_parallel.values())} "
+                             f"workers in all (each worker joins one group at most), but "
+                             f"workers={self.workers}")
+        return self
 
     @field_validator("model_aliases")
     @classmethod

@@ -323,6 +323,8 @@ def test_system_and_compare_pages(console: Console, sdk):
     console.go("#/system")
     console.page.wait_for_selector("#engine-busy")
     assert "cores" in console.page.inner_text("#system-cards")
+    workers = console.page.inner_text("#system-workers")
+    assert "engine" in workers and "in-process" in workers and "up" in workers
     console.shot("system")
     console.go(f"#/compare?runs={','.join(runs)}")
     chart = console.page.locator('#compare-charts .chart[data-title="train loss"]')

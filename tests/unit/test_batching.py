@@ -36,7 +36,7 @@ def data(seed: int, n: int) -> list[Datum]:
 def engine_with_models(registry) -> Engine:
     engine = Engine(registry, Limits())
     for name, config in CONFIGS.items():
-        tm = engine.create_model(name, MODEL, config)
+        tm = engine.model(engine.create_model(name, MODEL, config).model_id)
         with torch.no_grad():  # non-zero B so that every adapter changes the outputs
             for b in tm.adapter.B.values():
                 b.normal_(0, 0.02, generator=torch.Generator().manual_seed(config.seed))

@@ -56,7 +56,8 @@ def random_data(seed: int, two_d: bool) -> list[Datum]:
 
 @pytest.mark.parametrize("two_d", [False, True], ids=["targets[N]", "targets[N,K]"])
 def test_cross_entropy_loss_and_lora_gradients_match_float64(engine, two_d):
-    tm = engine.create_model("m", MODEL, LoRAConfig(rank=4, alpha=32.0, seed=0))
+    engine.create_model("m", MODEL, LoRAConfig(rank=4, alpha=32.0, seed=0))
+    tm = engine.model("m")
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for b in tm.adapter.B.values():
@@ -78,7 +79,8 @@ def test_cross_entropy_loss_and_lora_gradients_match_float64(engine, two_d):
 
 
 def test_gradients_accumulate_across_calls_and_forward_adds_none(engine):
-    tm = engine.create_model("acc", MODEL, LoRAConfig(rank=2, alpha=32.0, seed=0))
+    engine.create_model("acc", MODEL, LoRAConfig(rank=2, alpha=32.0, seed=0))
+    tm = engine.model("acc")
     data = random_data(3, False)
     engine.forward_backward("acc", ForwardBackwardInput(data=data[:1], loss_fn="cross_entropy"))
     engine.forward_backward("acc", ForwardBackwardInput(data=data[1:], loss_fn="cross_entropy"))
@@ -117,7 +119,8 @@ def test_bf16_autocast_stays_close_to_fp32(registry):
     results = {}
     for precision in ("fp32", "bf16"):
         eng = Engine(registry, Limits(), dtype=precision)
-        tm = eng.create_model("p", MODEL, LoRAConfig(rank=4, alpha=32.0, seed=0))
+        eng.create_model("p", MODEL, LoRAConfig(rank=4, alpha=32.0, seed=0))
+        tm = eng.model("p")
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for b in tm.adapter.B.values():

@@ -80,7 +80,7 @@ def test_evicted_snapshots_are_spilled_and_reload_exactly(registry, tmp_path):
     assert not np.array_equal(scores[0], scores[2])  # the snapshots really differ
 
 
-def test_drop_session_forgets_only_that_session(registry, tmp_path):
+def test_drop_forgets_only_that_prefix(registry, tmp_path):
     engine = Engine(registry, Limits(), spill_dir=tmp_path / "spill", offload_dir=tmp_path,
                     adapter_memory_bytes=1)
     for session in ("a", "b"):
@@ -88,7 +88,7 @@ def test_drop_session_forgets_only_that_session(registry, tmp_path):
         engine.add_sampler_snapshot(f"{session}:sample:0", f"{session}:train:0")
     assert engine.spilled_sampler("a:sample:0") is not None  # evicted: over the budget
     assert engine.models["a:train:0"].where == "disk"
-    engine.drop_session("a")
+    engine.drop("a:")
     assert list(engine.models) == ["b:train:0"]
     assert "b:sample:0" in engine.samplers or engine.spilled_sampler("b:sample:0") is not None
     assert engine.spilled_sampler("a:sample:0") is None
@@ -110,7 +110,7 @@ def test_base_models_share_a_memory_budget(models_dir):
     with pytest.raises(LimitExceeded, match="base_memory_mb"):
         registry.get(large)  # the small one is in use: the large one does not fit beside it
     assert registry.loaded() == [small]
-    engine.drop_session("s")  # nothing uses the small one any more
+    engine.drop("s:")  # nothing uses the small one any more
     assert registry.get(large).name == large and registry.loaded() == [large]
     engine.create_model("t:train:0", small, LoRAConfig(rank=2, alpha=32.0))  # loaded again
     assert registry.loaded() == [small]

@@ -89,7 +89,7 @@ def test_4bit_loss_logprobs_and_lora_gradients_equal_the_dense_twin(registry, ki
     rows = data(0)
     results = []
     for eng in (q_engine, d_engine):
-        tm = eng.create_model("m", name, LoRAConfig(rank=4, alpha=32.0, seed=0))
+        tm = eng.model(eng.create_model("m", name, LoRAConfig(rank=4, alpha=32.0, seed=0)).model_id)
         perturb(tm.adapter)
         results.append((fb(eng, "m", rows), grads(tm.adapter)))
     (q_out, q_grads), (d_out, d_grads) = results
@@ -142,13 +142,13 @@ def test_sampling_between_steps_leaves_training_unchanged(registry):
     once repacked them into a layout with no backward (see engine/quantized.py)."""
     rows, prompt = data(2), [5, 6, 7, 8]
     alone = Engine(registry, Limits())
-    tm = alone.create_model("m", NF4, LoRAConfig(rank=4, alpha=32.0, seed=0))
+    tm = alone.model(alone.create_model("m", NF4, LoRAConfig(rank=4, alpha=32.0, seed=0)).model_id)
     perturb(tm.adapter)
     fb(alone, "m", rows)
     expected = grads(tm.adapter)
 
     mixed = Engine(registry, Limits())
-    tm = mixed.create_model("m", NF4, LoRAConfig(rank=4, alpha=32.0, seed=0))
+    tm = mixed.model(mixed.create_model("m", NF4, LoRAConfig(rank=4, alpha=32.0, seed=0)).model_id)
     perturb(tm.adapter)
     mixed.add_sampler_snapshot("s", "m")
     mixed.add_sampler_for_base("b", NF4)
@@ -167,8 +167,9 @@ def test_mixed_pass_of_adapters_on_the_4bit_base_equals_each_alone(registry):
 
     def make(eng: Engine, key: str) -> lora.Adapter:
         rank, attn, mlp = configs[key]
-        tm = eng.create_model(key, NF4, LoRAConfig(rank=rank, alpha=32.0, train_attn=attn,
-                                                   train_mlp=mlp, train_unembed=False, seed=3))
+        eng.create_model(key, NF4, LoRAConfig(rank=rank, alpha=32.0, train_attn=attn,
+                                              train_mlp=mlp, train_unembed=False, seed=3))
+        tm = eng.model(key)
         perturb(tm.adapter, seed=rank)
         return tm.adapter
 
@@ -191,8 +192,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(registry, name
     results = []
     for checkpoint in (False, True):
         eng = Engine(registry, Limits())
-        tm = eng.create_model("m", name, LoRAConfig(rank=4, alpha=32.0, seed=0),
-                              gradient_checkpointing=checkpoint)
+        tm = eng.model(eng.create_model("m", name, LoRAConfig(rank=4, alpha=32.0, seed=0),
+                              gradient_checkpointing=checkpoint).model_id)
         perturb(tm.adapter)
         results.append((fb(eng, "m", data(4)).metrics["loss:sum"], grads(tm.adapter)))
     (loss, g), (loss_ckpt, g_ckpt) = results
@@ -265,7 +266,7 @@ def test_checkpoints_of_a_4bit_run_resume_on_the_4bit_base(engine, tmp_path):
     engine.save("m", tmp_path / "ck", "weights", "ck")
     meta = json.loads((tmp_path / "ck" / "tuneforge.json").read_text())
     assert (meta["base_model"], meta["quantization"]) == (NF4, "nf4")
-    resumed = engine.load_model("r", tmp_path / "ck", with_optimizer=True)
+    resumed = engine.model(engine.load_model("r", tmp_path / "ck", with_optimizer=True).model_id)
     assert resumed.base is engine.models["m"].base
     for eng_id in ("m", "r"):
         fb(engine, eng_id, data(8))

@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from tuneforge.engine.types import Datum, ForwardBackwardInput, ForwardBackwardResult
+from tuneforge.engine.worker import WorkerStats
 from tuneforge.errors import UserError
 from tuneforge.scheduler.futures import FutureStore
 from tuneforge.scheduler.queue import Scheduler, Work
@@ -19,13 +20,16 @@ from tuneforge.scheduler.queue import Scheduler, Work
 class RecordingEngine:
     """Records what the scheduler asks for; forward_backward answers the model id."""
 
-    decoding = False
-    decoders: dict = {}
-
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
         self.gate = threading.Event()
         self.gate.set()
+
+    def decoding(self) -> bool:
+        return False
+
+    def stats(self) -> WorkerStats:
+        return WorkerStats()
 
     def forward_backward_batch(self, requests):
         self.gate.wait(10)
@@ -60,7 +64,7 @@ def test_requests_run_in_seq_order_and_repeats_get_the_same_future():
     lock = threading.Lock()
 
     def job(n):
-        def run():
+        def run(_engine):
             with lock:
                 order.append(n)
             return {"n": n}
@@ -97,7 +101,7 @@ def test_forward_backwards_of_different_models_share_a_pass_in_order():
         time.sleep(0.05)  # "c" is now in the engine, alone
         futs = [
             sched.submit_ordered("a", 1, "FB", "o", Work(fb=fb(), encode_fb=encode, model_id="a")),
-            sched.submit_ordered("a", 2, "Opt", "o", Work(run=lambda: done.append("a2") or {},
+            sched.submit_ordered("a", 2, "Opt", "o", Work(run=lambda _: done.append("a2") or {},
                                                            model_id="a")),
             sched.submit_ordered("a", 3, "FB", "o", Work(fb=fb(), encode_fb=encode, model_id="a")),
             sched.submit_ordered("b", 1, "FB", "o", Work(fb=fb(), encode_fb=encode, model_id="b")),
@@ -125,16 +129,16 @@ def test_a_failing_job_fails_only_its_future():
     sched = scheduler()
     sched.start()
     try:
-        def bad():
+        def bad(_engine):
             raise UserError("data[0]: wrong")
 
-        def crash():
+        def crash(_engine):
             raise RuntimeError("boom")
 
         f1 = sched.submit_ordered("m", 1, "X", "o", Work(run=bad))
         f2 = sched.submit_ordered("m", 2, "X", "o", Work(run=crash))
-        f3 = sched.submit_ordered("m", 3, "X", "o", Work(run=lambda: {"ok": True}))
-        f4 = sched.submit_ordered("nobody", 1, "X", "o", Work(run=lambda: {"ok": True}))
+        f3 = sched.submit_ordered("m", 3, "X", "o", Work(run=lambda _: {"ok": True}))
+        f4 = sched.submit_ordered("nobody", 1, "X", "o", Work(run=lambda _: {"ok": True}))
         wait_all([f1, f2, f3, f4])
         assert (f1.state, f1.category, f1.error) == ("failed", "user", "data[0]: wrong")
         assert (f2.state, f2.category) == ("failed", "server") and "boom" in f2.error

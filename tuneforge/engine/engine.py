@@ -1,17 +1,18 @@
 """The engine: training models (LoRA adapter + AdamW state) and samplers over shared base models.
 
-All methods run on the engine's worker thread (see scheduler/), one call at a time, so no state
-here is locked. A method either completes or raises before touching any state it would leave
-half-changed: inputs are validated before compute, and gradients are computed into fresh tensors
-and only added to the accumulated gradient once the whole request succeeded.
+`Engine` is the in-process implementation of the engine seam (worker.py). All methods run on the
+engine's worker thread (see scheduler/), one call at a time, so no state here is locked. A method
+either completes or raises before touching any state it would leave half-changed: inputs are
+validated before compute, and gradients are computed into fresh tensors and only added to the
+accumulated gradient once the whole request succeeded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
+import glob
 import logging
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tuneforge.engine.models import BaseModel, ModelRegistry
 from tuneforge.engine.optim import AdamParams, AdamW
 from tuneforge.engine.sampler import SampleRequest, SampleResult
 from tuneforge.engine.types import Datum, ForwardBackwardInput, ForwardBackwardResult
+from tuneforge.engine.worker import ModelInfo, WorkerStats
 from tuneforge.errors import (
     EngineError,
     LimitExceeded,
@@ -31,7 +33,7 @@ from tuneforge.errors import (
     Unsupported,
     UserError,
 )
-from tuneforge.settings import Limits
+from tuneforge.settings import Limits, Settings
 from tuneforge.storage import checkpoints
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,11 @@ class TrainingModel:
     gradient_checkpointing: bool = False  # asked for by this run (its base may ask for all)
     where: str = "device"  # "device" | "cpu" | "disk"
     nbytes: int = 0  # in memory, last measured (weights, gradients, optimizer state)
+    held: list[torch.Tensor | None] | None = None  # a gradient waiting for `settle`
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.model_id, self.base.name, self.base.arch,
+                         str(self.base.tokenizer_dir), self.config, self.steps)
 
 
 @dataclass
@@ -87,10 +94,23 @@ class Engine:
         self.max_decode_rows = max_decode_rows
         self.decoders: dict[str, decoder.Decoder] = {}  # per base model: the running batch
 
+    @classmethod
+    def from_settings(cls, settings: Settings, registry: ModelRegistry, spill_dir: Path,
+                      offload_dir: Path) -> Engine:
+        return cls(registry, settings.limits, max_lora_rank=settings.max_lora_rank,
+                   dtype=registry.dtype, spill_dir=spill_dir, offload_dir=offload_dir,
+                   adapter_memory_bytes=settings.adapter_memory_mb << 20,
+                   cpu_memory_bytes=settings.cpu_offload_memory_mb << 20,
+                   max_decode_rows=settings.max_decode_rows)
+
+    def load_base(self, base_model: str) -> None:
+        """Load a base model now (at start, before clients ask for it)."""
+        self.registry.get(base_model)
+
     # ---- training models -------------------------------------------------------------------
 
     def create_model(self, model_id: str, base_model: str, config: lora.LoRAConfig,
-                     gradient_checkpointing: bool = False) -> TrainingModel:
+                     gradient_checkpointing: bool = False) -> ModelInfo:
         if config.rank > self.max_lora_rank:
             raise LimitExceeded(
                 f"lora_config.rank {config.rank} exceeds the limit "
@@ -98,7 +118,7 @@ class Engine:
             )
         base = self.registry.get(base_model)
         adapter = lora.new_adapter(config, base.targets, base.model, base.device)
-        return self._add_model(model_id, base, adapter, gradient_checkpointing)
+        return self._add_model(model_id, base, adapter, gradient_checkpointing).info()
 
     def _add_model(self, model_id: str, base: BaseModel, adapter: lora.Adapter,
                    gradient_checkpointing: bool) -> TrainingModel:
@@ -118,15 +138,19 @@ class Engine:
                     base.name, adapter.config.rank, adapter.config.groups, adapter.num_parameters())
         return tm
 
-    @contextlib.contextmanager
-    def undo_model_on_error(self, model_id: str) -> Iterator[None]:
-        """Forget a just-created model if the block that records it elsewhere fails."""
-        try:
-            yield
-        except BaseException:
-            self.models.pop(model_id, None)
-            self.budget.discard(("model", model_id))
-            raise
+    def forget_model(self, model_id: str) -> None:
+        """Forget a training model (one whose creation the caller could not record)."""
+        tm = self.models.pop(model_id, None)
+        if tm is not None and tm.where == "disk":
+            self._offload_path(model_id).unlink(missing_ok=True)
+        self.budget.discard(("model", model_id))
+        self.cpu_budget.discard(("model", model_id))
+
+    def model_info(self, model_id: str) -> ModelInfo:
+        tm = self.models.get(model_id)
+        if tm is None:
+            raise NotFound(f"model_id {model_id!r} is not a training model on this server")
+        return tm.info()
 
     def model(self, model_id: str, pinned: frozenset = frozenset()) -> TrainingModel:
         """A training model, brought back into memory if it was offloaded."""
@@ -202,7 +226,7 @@ class Engine:
         return outcome
 
     def forward_backward_batch(
-        self, requests: list[tuple[str, ForwardBackwardInput]]
+        self, requests: list[tuple[str, ForwardBackwardInput]], hold: bool = False
     ) -> list[ForwardBackwardResult | Exception]:
         """Serve requests of distinct models together, one outcome per request, in order.
 
@@ -210,11 +234,25 @@ class Engine:
         groups whose adapters fit the memory budget together. If a shared pass fails for a
         reason no single request explains, each request is retried alone, so one request can
         only fail itself.
+
+        With `hold`, a successful request's gradient is kept aside until `settle` says whether
+        to add it (a data-parallel group adds a request's gradients only where every replica's
+        share succeeded).
         """
         outcomes: list[ForwardBackwardResult | Exception | None] = [None] * len(requests)
         for group in self._fitting_groups(list(enumerate(requests))):
-            self._run_group(group, outcomes)
+            self._run_group(group, outcomes, hold)
         return outcomes
+
+    def settle(self, verdicts: Mapping[str, bool]) -> None:
+        """Add (True) or drop (False) each model's held gradient."""
+        for model_id, keep in verdicts.items():
+            tm = self.models.get(model_id)
+            if tm is None or tm.held is None:
+                continue
+            held, tm.held = tm.held, None
+            if keep:
+                passes.commit(tm.adapter.parameters(), held)
 
     def _fitting_groups(self, items: list) -> list[list]:
         """Consecutive groups of requests whose adapters can be in memory at the same time."""
@@ -229,8 +267,9 @@ class Engine:
             size += need
         return groups + [current] if current else groups
 
-    def _run_group(self, group: list, outcomes: list) -> None:
+    def _run_group(self, group: list, outcomes: list, hold: bool) -> None:
         by_base: dict[str, list[tuple[int, passes.Job]]] = {}
+        group_ids = {i: model_id for i, (model_id, _) in group}
         pinned = frozenset(("model", model_id) for _, (model_id, _) in group)
         for i, (model_id, inp) in group:
             try:
@@ -242,7 +281,7 @@ class Engine:
         for name, items in by_base.items():
             base = self.registry.get(name)
             try:
-                results = passes.run(base, [job for _, job in items], self.dtype)
+                results = passes.run(base, [job for _, job in items], self.dtype, not hold)
             except Exception as e:
                 if len(items) == 1:  # fails that request alone: other groups' results stand
                     logger.exception("pass of one request failed")
@@ -254,11 +293,13 @@ class Engine:
                     for _, job in items:
                         job.reset()
                         try:
-                            results.append(passes.run(base, [job], self.dtype)[0])
+                            results.append(passes.run(base, [job], self.dtype, not hold)[0])
                         except Exception as alone:  # reported to that request alone
                             results.append(alone)
-            for (i, _), result in zip(items, results, strict=True):
+            for (i, job), result in zip(items, results, strict=True):
                 outcomes[i] = result
+                if hold and not isinstance(result, Exception):
+                    self.models[group_ids[i]].held = job.grads
         self._account([self.models[model_id] for _, (model_id, _) in group
                        if model_id in self.models and self.models[model_id].where == "device"])
 
@@ -271,8 +312,14 @@ class Engine:
         return tm.base, passes.Job(tm.adapter, rows, spec, config, inp.forward_only,
                                    checkpoint=tm.gradient_checkpointing)
 
-    def optim_step(self, model_id: str, hp: AdamParams) -> dict[str, float]:
+    def optim_step(self, model_id: str, hp: AdamParams,
+                   reduce: Callable[[list[torch.Tensor]], None] | None = None
+                   ) -> dict[str, float]:
+        """One AdamW step on the accumulated gradient; `reduce`, when given, first combines
+        the gradients with the other replicas' (a data-parallel all-reduce, in place)."""
         tm = self.model(model_id)
+        if reduce is not None:
+            reduce(tm.adapter.parameters())
         metrics = tm.optimizer.step(hp)
         tm.steps += 1
         self._account([tm])
@@ -310,7 +357,7 @@ class Engine:
 
     def load_model(self, model_id: str, folder: Path, with_optimizer: bool,
                    base_model: str | None = None,
-                   gradient_checkpointing: bool = False) -> TrainingModel:
+                   gradient_checkpointing: bool = False) -> ModelInfo:
         ckpt = checkpoints.load(folder, with_optimizer=with_optimizer)
         name = ckpt.metadata.get("base_model") or ckpt.adapter_config["base_model_name_or_path"]
         if base_model and base_model != name:
@@ -323,7 +370,7 @@ class Engine:
                 raise UserError(f"checkpoint {folder.name} has no optimizer state")
             tm.optimizer.load_state_dict(ckpt.optimizer_state)
             tm.steps = int(ckpt.metadata.get("step", 0))
-        return tm
+        return tm.info()
 
     def load_into(self, model_id: str, folder: Path, with_optimizer: bool) -> None:
         """Replace a model's weights (and optionally optimizer state) from a checkpoint."""
@@ -410,9 +457,15 @@ class Engine:
                  "lora": {"seed": cfg.seed}})
         logger.info("sampler %s evicted from memory", sampler_id)
 
-    def drop_session(self, session_id: str) -> None:
-        """Forget the training models and samplers of a finished session."""
-        prefix = f"{session_id}:"
+    def has_sampler(self, sampler_id: str) -> bool:
+        return sampler_id in self.samplers
+
+    def sampler_ids(self, prefix: str) -> list[str]:
+        return [s for s in self.samplers if s.startswith(prefix)]
+
+    def drop(self, prefix: str) -> None:
+        """Forget the training models and samplers whose ids start with `prefix` (e.g. those of a
+        finished session), with their offloaded and spilled files."""
         for kind, table in (("model", self.models), ("sampler", self.samplers)):
             for key in [k for k in table if k.startswith(prefix)]:
                 if kind == "model" and table[key].where == "disk":
@@ -421,7 +474,7 @@ class Engine:
                 self.budget.discard((kind, key))
                 self.cpu_budget.discard((kind, key))
         if self.spill_dir is not None:
-            for folder in self.spill_dir.glob(f"{session_id}:*"):
+            for folder in self.spill_dir.glob(f"{glob.escape(prefix)}*"):
                 checkpoints.remove(folder)
 
     def sample(self, sampler_id: str, request: SampleRequest) -> SampleResult:
@@ -456,9 +509,20 @@ class Engine:
                 del self.decoders[name]  # holds its base model; made again on demand
         return finished
 
-    @property
     def decoding(self) -> bool:
         return any(dec.pending for dec in self.decoders.values())
+
+    def reset_decoding(self) -> None:
+        """Drop every running decode batch (after a failed step; its requests have failed)."""
+        self.decoders.clear()
+
+    def stats(self) -> WorkerStats:
+        cuda = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        return WorkerStats(
+            residency=self.residency_counts(), samplers_resident=len(self.samplers),
+            memory_bytes=int(self.budget.used), memory_limit_bytes=int(self.budget.limit),
+            decode_rows={name: dec.rows for name, dec in self.decoders.items()},
+            base_models=self.registry.sizes(), cuda_memory_bytes=int(cuda))
 
     def _sampler(self, sampler_id: str, request: SampleRequest) -> SamplerWeights:
         weights = self.samplers.get(sampler_id)

@@ -36,7 +36,7 @@ from torch import nn
 
 from tuneforge import quantization as quant
 from tuneforge.engine import checkpointing, hardware, lora, quantized, smollm2, tiny
-from tuneforge.errors import LimitExceeded, Unsupported, UserError
+from tuneforge.errors import EngineError, LimitExceeded, Unsupported, UserError
 from tuneforge.settings import ModelSpec, Settings
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,23 @@ class BaseModel:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What serving needs to know of a base model without its weights: tokenizer and limits.
+    A loaded `BaseModel` has the same attributes."""
+
+    name: str
+    tokenizer: object
+    tokenizer_dir: Path
+    vocab_size: int
+    max_context: int
+    eos_token_ids: frozenset[int]
+    arch: str
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
 def safe_dirname(name: str) -> str:
     return name.replace("/", "--").replace(":", "_")
 
@@ -85,8 +102,13 @@ class ModelRegistry:
 
     def __init__(self, models_dir: Path, device: torch.device,
                  aliases: dict[str, str | ModelSpec] | None = None, memory_bytes: int = 0,
-                 dtype: str = "fp32", gradient_checkpointing: bool = False) -> None:
+                 dtype: str = "fp32", gradient_checkpointing: bool = False,
+                 weights: bool = True) -> None:
+        """`weights=False`: a registry that never loads weights (the server's, when the engine
+        runs in worker processes): `card` reads a model's config and tokenizer only."""
         self.models_dir = models_dir
+        self.weights = weights
+        self._cards: dict[str, ModelCard] = {}
         self.device = device
         self.aliases = dict(aliases or {})
         self.memory_bytes = memory_bytes  # 0 = no limit
@@ -97,13 +119,46 @@ class ModelRegistry:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings, default_dir: Path) -> ModelRegistry:
+    def from_settings(cls, settings: Settings, default_dir: Path,
+                      weights: bool = True) -> ModelRegistry:
         device = pick_device(settings.device)
         dtype, why = hardware.choose_dtype(settings.dtype, device)
-        logger.info("compute dtype %s (%s)", dtype, why)
+        if weights:
+            logger.info("compute dtype %s (%s)", dtype, why)
         return cls(settings.models_dir or default_dir, device,
                    aliases=settings.model_aliases, memory_bytes=settings.base_memory_mb << 20,
-                   dtype=dtype, gradient_checkpointing=settings.gradient_checkpointing)
+                   dtype=dtype, gradient_checkpointing=settings.gradient_checkpointing,
+                   weights=weights)
+
+    def card(self, name: str) -> BaseModel | ModelCard:
+        """A base model's tokenizer and limits: the loaded model itself, or (in a registry that
+        loads no weights) its config and tokenizer, read once."""
+        if self.weights:
+            return self.get(name)
+        _check_name(name)
+        with self._lock:
+            if name not in self._cards:
+                self._cards[name] = self._read_card(name)
+            return self._cards[name]
+
+    def _read_card(self, name: str) -> ModelCard:
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        folder = self.resolve(name)
+        try:
+            config = AutoConfig.from_pretrained(str(folder))
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError) as e:
+            raise UserError(f"base_model '{name}' could not be read ({e})") from e
+        try:
+            gen = GenerationConfig.from_pretrained(str(folder))
+        except OSError:
+            gen = None
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        arch = (config.architectures or ["?"])[0]
+        return ModelCard(name, tokenizer, folder, int(text.vocab_size),
+                         int(getattr(text, "max_position_embeddings", 2048)),
+                         frozenset(_eos_ids(gen, tokenizer)), arch)
 
     def offered(self) -> list[str]:
         names = list(tiny.TINY_MODELS)
@@ -114,7 +169,7 @@ class ModelRegistry:
         return names
 
     def loaded(self) -> list[str]:
-        return list(self._loaded)
+        return list(self._loaded) + [n for n in self._cards if n not in self._loaded]
 
     def sizes(self) -> dict[str, int]:
         """Parameter bytes of each loaded base model (does not count as a use)."""
@@ -122,10 +177,10 @@ class ModelRegistry:
             return {name: b.nbytes for name, b in self._loaded.items()}
 
     def get(self, name: str) -> BaseModel:
-        if (not isinstance(name, str) or not name or len(name) > 512
-                or any(ord(c) < 32 for c in name)):
-            raise UserError("base_model must be a non-empty string of at most 512 printable "
-                            "characters")
+        _check_name(name)
+        if not self.weights:
+            raise EngineError(f"base model {name}: this registry loads no weights (the engine "
+                              "runs in its workers)")
         with self._lock:
             if name not in self._loaded:
                 self._loaded[name] = self._load(name)
@@ -194,7 +249,7 @@ class ModelRegistry:
         router, targets = lora.inject(model)
         checkpointing.install(model, router)
         config = model.config
-        eos = _eos_ids(model, tokenizer)
+        eos = _eos_ids(getattr(model, "generation_config", None), tokenizer)
         vocab = int(model.get_output_embeddings().weight.shape[0])
         size = quantized.nbytes(model) if spec.quantized else _param_bytes(model)
         logger.info("loaded base model %s from %s on %s%s (%d MB)", name, folder, self.device,
@@ -266,14 +321,21 @@ class ModelRegistry:
         return folder
 
 
+def _check_name(name: object) -> None:
+    if (not isinstance(name, str) or not name or len(name) > 512
+            or any(ord(c) < 32 for c in name)):
+        raise UserError("base_model must be a non-empty string of at most 512 printable "
+                        "characters")
+
+
 def _param_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size()
                for t in {id(p): p for p in model.parameters()}.values())
 
 
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+def _eos_ids(gen, tokenizer) -> set[int]:
+    """EOS ids of a generation config (may be None) and a tokenizer."""
     ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
     for source in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
         if isinstance(source, int):
             ids.add(source)

@@ -55,8 +55,10 @@ class Job:
         self.grads = [None] * len(self.adapter.parameters())
 
 
-def run(base: BaseModel, jobs: list[Job], dtype: str) -> list[ForwardBackwardResult]:
-    """Run `jobs` (distinct adapters of `base`) in shared passes; commit each job's gradient."""
+def run(base: BaseModel, jobs: list[Job], dtype: str,
+        commit_grads: bool = True) -> list[ForwardBackwardResult]:
+    """Run `jobs` (distinct adapters of `base`) in shared passes; commit each job's gradient
+    (or, without `commit_grads`, leave it in `job.grads` for the caller to `commit`)."""
     for pass_ in _plan(jobs):
         _run_pass(base, pass_, dtype)
     results = []
@@ -65,12 +67,19 @@ def run(base: BaseModel, jobs: list[Job], dtype: str) -> list[ForwardBackwardRes
             results.append(UserError(f"loss is not finite ({job.loss}); no gradient was "
                                      "accumulated"))
             continue
-        for p, g in zip(job.adapter.parameters(), job.grads, strict=True):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad.add_(g)
+        if commit_grads:
+            commit(job.adapter.parameters(), job.grads)
         results.append(ForwardBackwardResult(outputs=job.outputs,
                                              metrics={"loss:sum": job.loss}))
     return results
+
+
+def commit(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+    """Add a request's gradients to the parameters' accumulated ones."""
+    for p, g in zip(params, grads, strict=True):
+        if g is not None:
+            g = g.to(p.device)  # no copy unless the adapter moved since
+            p.grad = g if p.grad is None else p.grad.add_(g)
 
 
 def _plan(jobs: list[Job]) -> list[list[tuple[Job, list[Row]]]]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from tuneforge.engine.sampler import SampleRequest, SampleResult
 from tuneforge.engine.types import ForwardBackwardInput, ForwardBackwardResult
+from tuneforge.engine.worker import EngineWorker, WorkerStats
 from tuneforge.errors import TuneforgeError, UserError
 from tuneforge.scheduler.futures import Future, FutureStore
 from tuneforge.scheduler.stats import Stats
@@ -44,18 +45,22 @@ logger = logging.getLogger(__name__)
 
 _DEDUPE_HISTORY = 4096
 _CREDIT = 3
+STATS_SECONDS = 0.05
 
 
 @dataclass
 class Work:
-    """What a queued request does. Exactly one of `run`, `fb`, `sample` is set."""
+    """What a queued request does. Exactly one of `run`, `fb`, `sample` is set; `run` and
+    `sample` are called on the engine thread with the engine worker that serves the request."""
 
     lane: str = ""  # the base model it runs on ("" = none)
     model_id: str | None = None
-    run: Callable[[], dict | bytes] | None = None
+    sampler_id: str | None = None  # for sampling: whose weights (placement follows it)
+    run: Callable[[EngineWorker], dict | bytes] | None = None
     fb: ForwardBackwardInput | None = None
     encode_fb: Callable[[ForwardBackwardResult], bytes] | None = None
-    sample: Callable[[], tuple[str, SampleRequest]] | None = None  # validate → (sampler, request)
+    # validate and load the weights → (sampler id, request)
+    sample: Callable[[EngineWorker], tuple[str, SampleRequest]] | None = None
     encode_sample: Callable[[SampleResult], bytes] | None = None
 
     @property
@@ -71,11 +76,20 @@ class _Sequencer:
 
 
 class Scheduler:
-    def __init__(self, futures: FutureStore, engine, batch_tokens: int = 16384,
+    """Drives one engine worker from one thread (see the module docstring).
+
+    `worker_stats` holds the worker's `stats()` for readers on other threads, read before each
+    answer and every few decoding steps."""
+
+    def __init__(self, futures: FutureStore, engine: EngineWorker, batch_tokens: int = 16384,
                  batch_wait: float = 0.06, batch_requests: int = 32,
-                 on_thread_start: Callable[[], None] | None = None) -> None:
+                 on_thread_start: Callable[[], None] | None = None,
+                 name: str = "engine") -> None:
         self.futures = futures
         self.engine = engine
+        self.name = name
+        self.worker_stats = WorkerStats()
+        self._stats_read = 0.0
         self.batch_tokens = batch_tokens
         self.batch_wait = batch_wait
         self.batch_requests = batch_requests
@@ -97,7 +111,8 @@ class Scheduler:
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="tuneforge-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"tuneforge-{self.name}",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -139,6 +154,19 @@ class Scheduler:
         with self._cond:
             self._sequencers.pop(model_id, None)
 
+    def fail_queued(self, model_ids: set[str], messages: dict[str, str]) -> None:
+        """Fail the queued requests of `model_ids` (their worker lost them) with their
+        model's message."""
+        with self._cond:
+            failed = []
+            for queue in self._lanes.values():
+                keep = [item for item in queue if item[1].model_id not in model_ids]
+                failed += [item for item in queue if item[1].model_id in model_ids]
+                queue.clear()
+                queue.extend(keep)
+        for fut, work in failed:
+            self.futures.fail(fut, messages.get(work.model_id, "worker lost"), "server")
+
     def submit_ordered(self, model_id: str, seq_id: int, request_type: str, owner: str,
                        work: Work) -> Future:
         """Queue `work` as request `seq_id` of `model_id`, or return the future of a repeat."""
@@ -173,9 +201,10 @@ class Scheduler:
     def _loop(self) -> None:
         if self._on_thread_start is not None:
             self._on_thread_start()
+        decoding = False
         while True:
             with self._cond:
-                while not (self._stopping or self._samples or self.engine.decoding
+                while not (self._stopping or self._samples or decoding
                            or any(self._lanes.values())):
                     self._cond.wait()
                 if self._stopping:
@@ -184,8 +213,30 @@ class Scheduler:
             self._admit_samples()
             if unit:
                 self._run_unit(unit)
-            if self.engine.decoding:
+            decoding = self._engine_decoding()
+            if decoding:
                 self._decode_step()
+                decoding = self._engine_decoding()
+            self._read_stats()
+
+    def _engine_decoding(self) -> bool:
+        try:
+            return self.engine.decoding()
+        except Exception:  # a lost worker decodes nothing; its requests already failed
+            logger.exception("engine worker %s: decoding state unreadable", self.name)
+            return False
+
+    def _read_stats(self, now: bool = False) -> None:
+        """Refresh `worker_stats`: `now` before answering a request, else at most every
+        `STATS_SECONDS`."""
+        clock = time.monotonic()
+        if not now and clock - self._stats_read < STATS_SECONDS:
+            return
+        self._stats_read = clock
+        try:
+            self.worker_stats = self.engine.stats()
+        except Exception as e:  # keep the last reading; the next call reports the loss
+            logger.warning("engine worker %s: stats unreadable (%s)", self.name, e)
 
     def _take_unit(self) -> list[tuple[Future, Work]]:
         """The next lane's oldest request, with its batch mates. Caller holds the lock."""
@@ -284,7 +335,7 @@ class Scheduler:
                     self._samples.popleft()
                 continue
             try:
-                sampler_id, request = work.sample()
+                sampler_id, request = work.sample(self.engine)
                 if not self.engine.has_room(sampler_id, request):
                     return  # it waits for rows to free up; younger requests wait behind it
                 self.engine.admit(fut.request_id, sampler_id, request)
@@ -307,10 +358,12 @@ class Scheduler:
         if unit[0][1].fb is None:
             fut, work = unit[0]
             try:
-                result = work.run()
+                result = work.run(self.engine)
             except Exception as e:
+                self._read_stats(now=True)
                 self._finish(fut, error=e)
             else:
+                self._read_stats(now=True)  # what a client sees next is no older than this
                 self._finish(fut, result=result)
             return
         requests = [(work.model_id, work.fb) for _, work in unit]
@@ -318,6 +371,7 @@ class Scheduler:
             outcomes = self.engine.forward_backward_batch(requests)
         except Exception as e:  # the engine already retried each request alone
             outcomes = [e] * len(unit)
+        self._read_stats(now=True)
         for (fut, work), outcome in zip(unit, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 self._finish(fut, error=outcome)
@@ -332,13 +386,18 @@ class Scheduler:
             finished = self.engine.decode_step()
         except Exception as e:  # every request in the batch shares the failed step
             logger.exception("decoding step failed")
-            self.engine.decoders.clear()
+            try:
+                self.engine.reset_decoding()
+            except Exception:
+                logger.exception("engine worker %s: resetting decoding failed", self.name)
             for fut, _ in self._decoding.values():
                 self._finish(fut, error=e)
             self._decoding.clear()
             return
         self.stats.decode_steps += 1
         self.stats.busy_seconds += time.monotonic() - started
+        if finished:
+            self._read_stats(now=True)
         for handle, result in finished:
             fut, work = self._decoding.pop(handle)
             self.stats.sampled_tokens += sum(len(s.tokens) for s in result.sequences)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -28,3 +28,18 @@ class Stats:
         for bound in BATCH_SIZE_BUCKETS:
             if requests <= bound:
                 self.batch_size_counts[bound] += 1
+
+    @classmethod
+    def total(cls, parts: list[Stats]) -> Stats:
+        """The sum of several schedulers' counters."""
+        out = cls()
+        for part in parts:
+            for f in fields(cls):
+                value = getattr(part, f.name)
+                if isinstance(value, dict):
+                    mine = getattr(out, f.name)
+                    for k, v in value.items():
+                        mine[k] = mine.get(k, 0) + v
+                else:
+                    setattr(out, f.name, getattr(out, f.name) + value)
+        return out

@@ -203,7 +203,7 @@ def prepare(state: ServerState, owner: str, req: MessagesRequest) -> PreparedMes
 def count_tokens(state: ServerState, owner: str, req: CountTokensRequest) -> int:
     """The length of the rendered prompt, generation prompt included."""
     target = chat.resolve_model(state, owner, req.model)
-    base = state.registry.get(target.base_model)
+    base = state.registry.card(target.base_model)
     tokenizer = chat.tokenizer_for(str(base.tokenizer_dir))
     flat = ChatRequest.model_validate({"model": req.model, "messages": template_messages(req)})
     return len(chat.render_prompt(tokenizer, base, flat.template_messages()))

@@ -39,9 +39,9 @@ from dataclasses import dataclass, replace
 
 from sqlalchemy import select
 
-from tuneforge.engine.engine import Engine
 from tuneforge.engine.models import BaseModel
 from tuneforge.engine.sampler import SampleRequest, SampleResult, SamplingParams
+from tuneforge.engine.worker import EngineWorker
 from tuneforge.errors import EngineError, NotFound, TuneforgeError, UserError
 from tuneforge.scheduler.futures import Future, TokenStream
 from tuneforge.scheduler.queue import Work
@@ -90,7 +90,7 @@ def resolve_model(state: ServerState, owner: str, model: str) -> ChatModel:
     if not path.startswith("tinker://"):
         if base_name is not None or path not in state.registry.offered():
             raise ModelNotFound(model)
-        state.registry.get(path)  # loads it now: a model that cannot load fails here
+        state.registry.card(path)  # loads it now: a model that cannot load fails here
         return ChatModel(model, path, None, f"chat-base-{_digest(path)}:sample:0", "")
     try:
         ckpt = state.checkpoint(path, owner)
@@ -117,7 +117,7 @@ def list_models(state: ServerState, owner: str) -> list[dict]:
         entry = {"id": name, "object": "model", "created": STARTED, "owned_by": "tuneforge",
                  "root": name, "parent": None}
         if name in loaded:
-            entry["max_model_len"] = state.registry.get(name).max_context
+            entry["max_model_len"] = state.registry.card(name).max_context
         out.append(entry)
     stmt = (select(CheckpointRow, TrainingRunRow.base_model)
             .join(TrainingRunRow, TrainingRunRow.id == CheckpointRow.training_run_id)
@@ -207,7 +207,7 @@ def end_of_turn_ids(tokenizer, base: BaseModel) -> frozenset[int]:
 def prepare(state: ServerState, owner: str, req: ChatRequest) -> PreparedChat:
     """Resolve the model, render the prompt and build the engine request (on a request thread)."""
     target = resolve_model(state, owner, req.model)
-    base = state.registry.get(target.base_model)
+    base = state.registry.card(target.base_model)
     tokenizer = tokenizer_for(str(base.tokenizer_dir))
     prompt = render_prompt(tokenizer, base, req.template_messages())
     _check_prompt_length(state, base, prompt, "messages")
@@ -225,7 +225,7 @@ def prepare_completion(state: ServerState, owner: str,
     encoded with the tokenizer's special tokens, as vLLM does; no chat template), stopping on the
     model's EOS tokens and the stop strings."""
     target = resolve_model(state, owner, req.model)
-    base = state.registry.get(target.base_model)
+    base = state.registry.card(target.base_model)
     tokenizer = tokenizer_for(str(base.tokenizer_dir))
     vocab = base.vocab_size
     completion_id, created, out = f"cmpl-{uuid.uuid4().hex}", int(time.time()), []
@@ -302,27 +302,26 @@ def submit(state: ServerState, owner: str, chat: PreparedChat, stream: bool = Fa
         fut.stream = TokenStream()
     sample = replace(chat.sample, stream=fut.stream) if stream else chat.sample
 
-    def admit() -> tuple[str, SampleRequest]:  # on the engine thread, at admission
-        load_sampler(state.engine, chat.model, folder)
+    def admit(engine: EngineWorker) -> tuple[str, SampleRequest]:  # engine thread, admission
+        load_sampler(engine, chat.model, folder)
         return chat.model.sampler_id, sample
 
-    work = Work(lane=chat.model.base_model, sample=admit, encode_sample=_sequences_json)
+    work = Work(lane=chat.model.base_model, sampler_id=chat.model.sampler_id, sample=admit,
+                encode_sample=_sequences_json)
     return state.scheduler.submit(fut, work)
 
 
-def load_sampler(engine: Engine, model: ChatModel, folder) -> None:
+def load_sampler(engine: EngineWorker, model: ChatModel, folder) -> None:
     """Make `model`'s weights available to the decoder (engine thread only)."""
-    if model.sampler_id in engine.samplers:
+    if engine.has_sampler(model.sampler_id):
         return
     if model.checkpoint is None:
         engine.add_sampler_for_base(model.sampler_id, model.base_model)
         return
     if not folder.exists():
         raise ModelNotFound(model.name)
-    for stale in [s for s in engine.samplers if s.startswith(model.family)]:
-        # an earlier version of a checkpoint overwritten since; each chat sampler id is its own
-        # prefix, so drop_session frees exactly that sampler
-        engine.drop_session(stale.split(":", 1)[0])
+    # an earlier version of a checkpoint overwritten since: its sampler id shares the family
+    engine.drop(model.family)
     engine.add_sampler_from_checkpoint(model.sampler_id, folder)
 
 

@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 import torch
 
-from tuneforge.engine.engine import Engine
 from tuneforge.engine.models import ModelRegistry
+from tuneforge.engine.worker import ModelInfo
 from tuneforge.errors import Gone, LimitExceeded, NotFound, UserError
 from tuneforge.scheduler.futures import Future, FutureStore
-from tuneforge.scheduler.queue import Scheduler, Work
+from tuneforge.scheduler.queue import Work
+from tuneforge.server import workers
 from tuneforge.server.load import EngineLoad
 from tuneforge.server.run_metrics import RunMetrics
 from tuneforge.server.seeds import DefaultSeeds
@@ -41,24 +42,20 @@ class ServerState:
                                                             data.default_key)
         for key in settings.api_keys:
             self.keys.add(key, name="TUNEFORGE_API_KEYS")
-        self.registry = ModelRegistry.from_settings(settings, self.paths.models)
-        self.engine = Engine(self.registry, settings.limits,
-                             max_lora_rank=settings.max_lora_rank, dtype=self.registry.dtype,
-                             spill_dir=self.paths.samplers, offload_dir=self.paths.offload,
-                             adapter_memory_bytes=settings.adapter_memory_mb << 20,
-                             cpu_memory_bytes=settings.cpu_offload_memory_mb << 20,
-                             max_decode_rows=settings.max_decode_rows)
+        # with Ray the engine's weights live in the workers; the server reads tokenizers only
+        self.registry = ModelRegistry.from_settings(settings, self.paths.models,
+                                                    weights=settings.ray is None)
         self.futures = FutureStore(ttl_seconds=settings.result_ttl_seconds)
-        self.scheduler = Scheduler(self.futures, self.engine,
-                                   batch_tokens=settings.batch_tokens,
-                                   batch_wait=settings.batch_wait_ms / 1000,
-                                   batch_requests=settings.batch_requests,
-                                   on_thread_start=self._pin_threads)
+        # the engine workers, each behind its own scheduler: in-process, or Ray actors
+        self.scheduler = workers.build(settings, self.registry, self.paths, self.futures,
+                                       self._pin_threads)
+        self.scheduler.on_models_lost = self._models_lost
         self.seeds = DefaultSeeds(settings.seed)
         self.run_metrics = RunMetrics(self.db)
         self.load = EngineLoad(self.scheduler.stats)
         self.model_owners: dict[str, str] = {}
         self.model_lanes: dict[str, str] = {}  # model id -> its base model (its queue)
+        self.model_info: dict[str, ModelInfo] = {}  # as created; answers get_info
         # idempotency for requests that are not ordered by seq_id: key -> future
         self._dedupe: OrderedDict[tuple, Future] = OrderedDict()
         self._dedupe_lock = threading.Lock()
@@ -78,8 +75,7 @@ class ServerState:
             logger.warning("recovered the data directory after an unclean stop: %s", report)
         self.run_metrics.start()
         self.scheduler.start()
-        for name in self.settings.preload_models:
-            self.registry.get(name)
+        workers.preload(self.scheduler, self.settings.preload_models)
         self.jobs.start()
 
     def stop(self) -> None:
@@ -120,17 +116,28 @@ class ServerState:
         """Free the memory of a finished session's models and samplers (on the engine thread)."""
         prefix = f"{session_id}:"
         for model_id in [m for m in self.model_owners if m.startswith(prefix)]:
-            del self.model_owners[model_id]
-            self.model_lanes.pop(model_id, None)
-            self._last_noted.pop(model_id, None)
-            self.run_metrics.forget(model_id)
+            self._forget_model(model_id)
             self.scheduler.close_model(model_id)
 
-        def job() -> dict:
-            self.engine.drop_session(session_id)
+        def job(engine) -> dict:
+            engine.drop(prefix)
             return {}
 
-        self.scheduler.submit(self.futures.create("ReleaseSession", owner), Work(run=job))
+        self.scheduler.submit_everywhere("ReleaseSession", owner, job)
+
+    def _forget_model(self, model_id: str) -> None:
+        self.model_owners.pop(model_id, None)
+        self.model_lanes.pop(model_id, None)
+        self.model_info.pop(model_id, None)
+        self._last_noted.pop(model_id, None)
+        self.run_metrics.forget(model_id)
+
+    def _models_lost(self, model_ids: list[str]) -> None:
+        """Training models whose engine worker died: they no longer count as loaded (their
+        next requests get the reason from the scheduler)."""
+        for model_id in model_ids:
+            self.model_owners.pop(model_id, None)
+            self.model_info.pop(model_id, None)
 
     def note_activity(self, model_id: str) -> None:
         """Record a run's last request time, at most every few seconds (one DB write per
@@ -172,6 +179,9 @@ class ServerState:
     def _not_loaded(self, model_id: str, owner: str) -> str:
         row = self.db.get(TrainingRunRow, model_id) if isinstance(model_id, str) else None
         if row is not None and self.visible(row.owner, owner):
+            lost = self.scheduler.lost_reason(model_id)
+            if lost is not None:
+                return lost
             return (f"training run {model_id!r} is not loaded: its session finished or the server "
                     "restarted since it was created; continue it from a checkpoint with "
                     "create_training_client_from_state")

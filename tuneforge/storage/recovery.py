@@ -26,7 +26,10 @@ def recover(db: Database, paths: DataPaths) -> dict[str, int]:
     report = {"partial_removed": 0, "unrecorded_added": 0, "missing_dropped": 0}
     # training models offloaded by the previous process are gone with it
     for stale in paths.offload.glob("*") if paths.offload.exists() else []:
-        stale.unlink()
+        if stale.is_dir():  # an engine worker's own folder
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink()
     for root in (paths.checkpoints, paths.samplers):
         if not root.exists():
             continue

@@ -51,6 +51,6 @@ def capabilities(state: State, _owner: Owner) -> dict:
     for name in state.registry.offered():
         entry: dict = {"model_name": name, "trainable": True, "sampleable": True}
         if name in state.registry.loaded():
-            entry["max_context_length"] = state.registry.get(name).max_context
+            entry["max_context_length"] = state.registry.card(name).max_context
         models.append(entry)
     return {"supported_models": models}

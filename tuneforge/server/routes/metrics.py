@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from tuneforge.scheduler.stats import BATCH_SIZE_BUCKETS
+from tuneforge.server import workers
 from tuneforge.server.deps import State
 
 router = APIRouter()
@@ -39,7 +40,7 @@ class _Text:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 def metrics(state: State) -> str:
-    out, stats, engine = _Text(), state.scheduler.stats, state.engine
+    out, stats = _Text(), state.scheduler.stats
     out.metric("queue_depth", "gauge", "Requests waiting, per base-model queue.",
                [({"queue": lane or "(control)"}, n) for lane, n in
                 state.scheduler.depths().items()])
@@ -65,17 +66,20 @@ def metrics(state: State) -> str:
                stats.sample_requests)
     out.metric("sampled_tokens_total", "counter", "Tokens generated.", stats.sampled_tokens)
     out.metric("decode_steps_total", "counter", "Decoding steps run.", stats.decode_steps)
+    ws = state.scheduler.worker_stats()
     out.metric("decode_rows", "gauge", "Samples being decoded now, per base model.",
-               [({"base_model": name}, dec.rows) for name, dec in list(engine.decoders.items())])
+               [({"base_model": name}, n) for name, n in ws.decode_rows.items()])
     out.metric("training_models", "gauge", "Training models, by where they are.",
-               [({"where": where}, n) for where, n in engine.residency_counts().items()])
-    out.metric("samplers_resident", "gauge", "Sampler weights in memory.", len(engine.samplers))
+               [({"where": where}, n) for where, n in ws.residency.items()])
+    out.metric("samplers_resident", "gauge", "Sampler weights in memory.", ws.samplers_resident)
     out.metric("adapter_memory_bytes", "gauge", "Memory held by resident adapters.",
-               engine.budget.used)
+               ws.memory_bytes)
     out.metric("adapter_memory_limit_bytes", "gauge", "Adapter memory budget.",
-               engine.budget.limit)
-    out.metric("base_model_bytes", "gauge", "Parameter memory of each loaded base model.",
-               [({"base_model": name}, size) for name, size in state.registry.sizes().items()])
+               ws.memory_limit_bytes)
+    out.metric("base_model_bytes", "gauge",
+               "Parameter memory of each loaded base model (every worker's copy).",
+               [({"base_model": name}, size) for name, size in ws.base_models.items()])
+    _worker_metrics(out, workers.describe(state.scheduler))
     recorder = state.run_metrics
     out.metric("run_metrics_seconds_total", "counter",
                "Time spent recording run metrics on request paths (submission, engine thread).",
@@ -93,3 +97,30 @@ def metrics(state: State) -> str:
         out.metric("cuda_memory_allocated_bytes", "gauge", "CUDA memory allocated by torch.",
                    torch.cuda.memory_allocated())
     return "\n".join(out.lines) + "\n"
+
+
+def _worker_metrics(out: _Text, described: list[dict]) -> None:
+    """One sample per engine worker (and data-parallel group), labelled by its name."""
+    for name, kind, help_, key in (
+            ("worker_up", "gauge", "Whether the engine worker answers (1) or is lost (0).",
+             "alive"),
+            ("worker_queue_depth", "gauge", "Requests waiting for the engine worker.",
+             "queue_depth"),
+            ("worker_training_models", "gauge", "Training models placed on the engine worker.",
+             "models_placed"),
+            ("worker_busy_seconds_total", "counter", "Time the engine worker spent working.",
+             "busy_seconds"),
+            ("worker_passes_total", "counter", "Forward/backward passes the worker ran.",
+             "passes"),
+            ("worker_sample_requests_total", "counter", "Sampling requests the worker admitted.",
+             "sample_requests"),
+            ("worker_adapter_memory_bytes", "gauge", "Memory held by the worker's adapters.",
+             "memory_bytes"),
+            ("worker_cuda_memory_bytes", "gauge", "CUDA memory allocated by the worker.",
+             "cuda_memory_bytes"),
+            ("worker_losses_total", "counter", "Times the worker's process was lost.",
+             "losses")):
+        out.metric(name, kind, help_, [({"worker": w["name"]}, int(w[key]))
+                                       if isinstance(w[key], bool) else
+                                       ({"worker": w["name"]}, w[key])
+                                       for w in described if key in w])

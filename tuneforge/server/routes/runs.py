@@ -48,6 +48,8 @@ def run_json(state: ServerState, row: TrainingRunRow) -> dict:
         "last_checkpoint": latest["weights"],
         "last_sampler_checkpoint": latest["sampler_weights"],
         "user_metadata": row.user_metadata or {},
+        # where the run is loaded now (None: not loaded); "engine" without Ray
+        "engine_worker": state.scheduler.worker_of(row.id),
     }
 
 

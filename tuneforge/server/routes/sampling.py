@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from tinker import types
 
 from tuneforge.engine.sampler import SampleRequest, SamplingParams
+from tuneforge.engine.worker import EngineWorker
 from tuneforge.errors import Gone, LimitExceeded, Unsupported, UserError
 from tuneforge.scheduler.queue import Work
 from tuneforge.server import wire
@@ -33,7 +34,7 @@ def create_sampling_session(state: State, owner: Owner, body: JsonBody) -> dict:
                          base_model=run.base_model, source="checkpoint",
                          model_path=req.model_path)
     elif req.base_model is not None:
-        base = state.registry.get(req.base_model)  # loads it now: a bad name fails here
+        base = state.registry.card(req.base_model)  # loads it now: a bad name fails here
         row = SamplerRow(id=sampler_id, session_id=req.session_id, owner=owner,
                          base_model=base.name, source="base")
     else:
@@ -67,12 +68,12 @@ def asample(state: State, owner: Owner, body: JsonBody) -> dict:
             f"{fut.request_id}:{i}" for i in range(max(req.num_samples, 0))]
         layout: list[wire.SparseLayout | None] = [None]
 
-        def prepare() -> tuple[str, SampleRequest]:  # on the engine thread, at admission
+        def prepare(engine: EngineWorker) -> tuple[str, SampleRequest]:  # engine thread
             sample_request, layout[0] = build_sample_request(state, row, req)
-            ensure_sampler(state, row)
+            ensure_sampler(state, engine, row)
             return row.id, sample_request
 
-        work = Work(lane=row.base_model, sample=prepare,
+        work = Work(lane=row.base_model, sampler_id=row.id, sample=prepare,
                     encode_sample=lambda result: wire.encode_sample(result, layout[0]))
         return state.scheduler.submit(fut, work)
 
@@ -81,22 +82,22 @@ def asample(state: State, owner: Owner, body: JsonBody) -> dict:
     return future_answer(fut)
 
 
-def ensure_sampler(state: ServerState, row: SamplerRow) -> None:
+def ensure_sampler(state: ServerState, engine: EngineWorker, row: SamplerRow) -> None:
     """Load the sampler's weights into the engine if they are not there yet."""
-    if row.id in state.engine.samplers:
+    if engine.has_sampler(row.id):
         return
     if row.source == "checkpoint":
         folder = state.paths.checkpoint(*parse_tinker_path(row.model_path))
         if not folder.exists():
             raise Gone(f"the checkpoint {row.model_path} behind sampler {row.id} was deleted")
-        state.engine.add_sampler_from_checkpoint(row.id, folder)
+        engine.add_sampler_from_checkpoint(row.id, folder)
     elif row.source == "base":
-        state.engine.add_sampler_for_base(row.id, row.base_model)
-    elif (spilled := state.engine.spilled_sampler(row.id)) is not None:
-        state.engine.add_sampler_from_checkpoint(row.id, spilled)
+        engine.add_sampler_for_base(row.id, row.base_model)
+    elif (spilled := engine.spilled_sampler(row.id)) is not None:
+        engine.add_sampler_from_checkpoint(row.id, spilled)
     else:
         raise Gone(f"sampler {row.id} held in-memory weights that were lost when the server "
-                   "restarted; save weights for a sampler again")
+                   "restarted or its engine worker went away; save weights for a sampler again")
 
 
 def build_sample_request(state: ServerState, row: SamplerRow, req: types.SampleRequest
@@ -121,7 +122,7 @@ def build_sample_request(state: ServerState, row: SamplerRow, req: types.SampleR
                               "are not supported (this server samples text models only)")
         prompt.extend(chunk.tokens)
     p = req.sampling_params
-    base = state.registry.get(row.base_model)
+    base = state.registry.card(row.base_model)
     target_ids, layout = None, None
     if req.target_prompt_logprobs is not None or req.prompt_alt_tokens_k:
         if len(prompt) < 2:

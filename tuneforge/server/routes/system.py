@@ -2,8 +2,9 @@
 
 CPU and memory from psutil; GPUs from NVML (`pynvml`, package nvidia-ml-py), asked only when
 torch sees CUDA; the engine's busy share over the last few seconds (server/load.py); queue
-depths, adapters by residency, samplers and base models from the engine. Engine dictionaries
-change on the engine thread: they are copied (`list(...)`) before being walked. `/metrics` has
+depths, adapters by residency, samplers and base models from the engine workers' last stats
+(each scheduler reads them on its own thread; nothing here touches an engine), and one entry
+per worker (its process, queue, placed models, busy time). `/metrics` has
 the same numbers as Prometheus counters for scrapers; this view needs an API key because it
 names base models and queues.
 """
@@ -17,6 +18,7 @@ import psutil
 import torch
 from fastapi import APIRouter
 
+from tuneforge.server import workers
 from tuneforge.server.deps import Owner, State
 from tuneforge.storage.db import utcnow
 
@@ -75,11 +77,9 @@ def gpus() -> list[dict]:
 
 @router.get("/system")
 def system(state: State, owner: Owner) -> dict:
-    engine, stats = state.engine, state.scheduler.stats
+    stats, ws = state.scheduler.stats, state.scheduler.worker_stats()
     memory = psutil.virtual_memory()
-    residency = {"device": 0, "cpu": 0, "disk": 0}
-    for tm in list(engine.models.values()):  # as Engine.residency_counts, on a copy
-        residency[tm.where] = residency.get(tm.where, 0) + 1
+    residency = ws.residency
     busy_share = state.load.busy_share()
     return {
         "cpu_percent": state.load.cpu_percent,
@@ -95,13 +95,14 @@ def system(state: State, owner: Owner) -> dict:
             "resident": residency["device"],
             "offloaded": residency["cpu"] + residency["disk"],
             **residency,
-            "samplers_resident": len(list(engine.samplers)),
-            "memory_bytes": int(engine.budget.used),
-            "memory_limit_bytes": int(engine.budget.limit),
+            "samplers_resident": ws.samplers_resident,
+            "memory_bytes": int(ws.memory_bytes),
+            "memory_limit_bytes": int(ws.memory_limit_bytes),
         },
         "base_models": [{"name": name, "bytes": int(size),
                          "quantization": state.registry.spec(name).quantized}
-                        for name, size in state.registry.sizes().items()],
+                        for name, size in ws.base_models.items()],
+        "workers": workers.describe(state.scheduler),
         "dtype": state.registry.dtype,
         "time": utcnow().isoformat(),
     }

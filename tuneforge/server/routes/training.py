@@ -14,6 +14,7 @@ from tinker import types
 
 from tuneforge.engine import optim
 from tuneforge.engine.lora import LoRAConfig
+from tuneforge.engine.worker import EngineWorker, ModelInfo
 from tuneforge.errors import TuneforgeError, Unsupported, UserError
 from tuneforge.scheduler.queue import Work
 from tuneforge.server import wire
@@ -28,15 +29,22 @@ def model_id_for(session_id: str, model_seq_id: int) -> str:
     return f"{session_id}:train:{model_seq_id}"
 
 
-def register_run(state: ServerState, model_id: str, session_id: str, owner: str,
-                 base_model: str, lora: LoRAConfig, user_metadata: dict | None) -> None:
-    state.db.add(TrainingRunRow(
-        id=model_id, session_id=session_id, owner=owner, base_model=base_model,
-        lora_rank=lora.rank, train_attn=lora.train_attn, train_mlp=lora.train_mlp,
-        train_unembed=lora.train_unembed, seed=lora.seed,
-        user_metadata={str(k): str(v) for k, v in (user_metadata or {}).items()}))
-    state.model_owners[model_id] = owner
-    state.model_lanes[model_id] = base_model
+def register_run(state: ServerState, engine: EngineWorker, info: ModelInfo, session_id: str,
+                 owner: str, user_metadata: dict | None) -> None:
+    """Record a model the engine just created; if that fails, the engine forgets it again."""
+    lora = info.lora
+    try:
+        state.db.add(TrainingRunRow(
+            id=info.model_id, session_id=session_id, owner=owner, base_model=info.base_model,
+            lora_rank=lora.rank, train_attn=lora.train_attn, train_mlp=lora.train_mlp,
+            train_unembed=lora.train_unembed, seed=lora.seed,
+            user_metadata={str(k): str(v) for k, v in (user_metadata or {}).items()}))
+    except BaseException:
+        engine.forget_model(info.model_id)
+        raise
+    state.model_owners[info.model_id] = owner
+    state.model_lanes[info.model_id] = info.base_model
+    state.model_info[info.model_id] = info
 
 
 def gradient_checkpointing(user_metadata: dict) -> bool:
@@ -64,9 +72,9 @@ def create_model(state: State, owner: Owner, body: JsonBody) -> dict:
 
     def submit():
         fut = state.futures.create("CreateModel", owner, model_id)
-        state.scheduler.open_model(model_id)
+        state.scheduler.open_model(model_id, req.base_model)
 
-        def job() -> dict:
+        def job(engine: EngineWorker) -> dict:
             check_optimizer_config(req.optimizer_config)
             state.check_model_quota(owner)
             lc = req.lora_config or types.LoraConfig(rank=32)
@@ -74,13 +82,12 @@ def create_model(state: State, owner: Owner, body: JsonBody) -> dict:
             config = LoRAConfig(rank=lc.rank, alpha=state.settings.lora_alpha,
                                 train_attn=lc.train_attn, train_mlp=lc.train_mlp,
                                 train_unembed=lc.train_unembed, seed=seed)
-            tm = state.engine.create_model(model_id, req.base_model, config, checkpoint)
-            with state.engine.undo_model_on_error(model_id):
-                register_run(state, model_id, req.session_id, owner, tm.base.name, config,
-                             req.user_metadata)
+            info = engine.create_model(model_id, req.base_model, config, checkpoint)
+            register_run(state, engine, info, req.session_id, owner, req.user_metadata)
             return {"model_id": model_id, "type": "create_model"}
 
-        return state.scheduler.submit(fut, Work(lane=req.base_model, run=job))
+        return state.scheduler.submit(fut, Work(lane=req.base_model, model_id=model_id,
+                                                run=job))
 
     fut, _ = state.once(("create_model", model_id), submit)
     return future_answer(fut)
@@ -90,15 +97,15 @@ def create_model(state: State, owner: Owner, body: JsonBody) -> dict:
 def get_info(state: State, owner: Owner, body: JsonBody) -> dict:
     req = wire.parse(types.GetInfoRequest, body, "get_info")
     state.check_model_owner(req.model_id, owner)
-    tm = state.engine.model(req.model_id)
+    info = state.model_info[req.model_id]  # as recorded at creation: no engine call
     return {
         "type": "get_info",
         "model_id": req.model_id,
-        "model_data": {"arch": tm.base.arch, "model_name": tm.base.name,
-                       "tokenizer_id": str(tm.base.tokenizer_dir)},
+        "model_data": {"arch": info.arch, "model_name": info.base_model,
+                       "tokenizer_id": info.tokenizer_dir},
         "is_lora": True,
-        "lora_rank": tm.adapter.config.rank,
-        "model_name": tm.base.name,
+        "lora_rank": info.lora.rank,
+        "model_name": info.base_model,
         "optimizer_config": {"type": "adamw"},
     }
 
@@ -125,7 +132,7 @@ def _submit_forward_backward(state: ServerState, owner: str, body: bytes,
             encode = state.run_metrics.recording_encoder(msg.model_id, fb, encode)
         work = Work(fb=fb, encode_fb=encode)
     except TuneforgeError as e:  # bad content fails this future, in order
-        def fail(error: TuneforgeError = e) -> bytes:
+        def fail(_engine: EngineWorker, error: TuneforgeError = e) -> bytes:
             raise error
 
         work = Work(run=fail)
@@ -137,7 +144,7 @@ def _submit_forward_backward(state: ServerState, owner: str, body: bytes,
 def optim_step(state: State, owner: Owner, body: JsonBody) -> dict:
     model_id, seq_id = wire.ordered_envelope(body, "optim_step")
 
-    def job() -> dict:
+    def job(engine: EngineWorker) -> dict:
         req = wire.parse(types.OptimStepRequest, body, "optim_step")
         params = req.optim_params
         if not isinstance(params, types.AdamParams):
@@ -147,7 +154,7 @@ def optim_step(state: State, owner: Owner, body: JsonBody) -> dict:
             learning_rate=params.learning_rate, beta1=params.beta1, beta2=params.beta2,
             eps=params.eps, weight_decay=params.weight_decay,
             grad_clip_norm=params.grad_clip_norm)
-        metrics = state.engine.optim_step(model_id, hp)
+        metrics = engine.optim_step(model_id, hp)
         state.run_metrics.optim_step(model_id, hp, metrics)
         state.note_activity(model_id)
         return {"metrics": metrics, "type": "optim_step"}

@@ -7,6 +7,7 @@ import datetime as dt
 from fastapi import APIRouter
 from tinker import types
 
+from tuneforge.engine.worker import EngineWorker
 from tuneforge.errors import NotFound, Unsupported, UserError
 from tuneforge.scheduler.queue import Work
 from tuneforge.server import wire
@@ -38,11 +39,13 @@ def expiry(ttl_seconds: int | None) -> dt.datetime | None:
     return utcnow() + dt.timedelta(seconds=ttl_seconds)
 
 
-def save_checkpoint(state: ServerState, owner: str, model_id: str, kind: str, name: str | None,
-                    ttl_seconds: int | None, overwrite: bool, user_metadata: dict | None) -> str:
+def save_checkpoint(state: ServerState, engine: EngineWorker, owner: str, model_id: str,
+                    kind: str, name: str | None, ttl_seconds: int | None, overwrite: bool,
+                    user_metadata: dict | None) -> str:
     """Write a checkpoint of `model_id` and record it; returns its tinker:// path."""
-    tm = state.engine.model(model_id)
-    name = check_name(name if name is not None else f"step-{tm.steps:06d}")
+    if name is None:
+        name = f"step-{engine.model_info(model_id).steps:06d}"
+    name = check_name(name)
     expires = expiry(ttl_seconds)
     user_metadata = wire.check_metadata(user_metadata, "user_metadata")
     folder = state.paths.checkpoint(model_id, kind, name)
@@ -51,7 +54,7 @@ def save_checkpoint(state: ServerState, owner: str, model_id: str, kind: str, na
         if not overwrite:
             raise UserError(f"checkpoint {path} already exists (pass overwrite=True to replace it)")
         delete_checkpoint(state, path, folder)
-    size = state.engine.save(model_id, folder, kind, name, user_metadata)
+    size = engine.save(model_id, folder, kind, name, user_metadata)
     state.db.add(CheckpointRow(
         tinker_path=path, training_run_id=model_id, owner=owner, kind=kind, name=name,
         size_bytes=size, user_metadata=user_metadata, expires_at=expires))
@@ -70,10 +73,10 @@ def delete_checkpoint(state: ServerState, path: str, folder) -> None:
 def save_weights(state: State, owner: Owner, body: JsonBody) -> dict:
     model_id, seq_id = wire.ordered_envelope(body, "save_weights")
 
-    def job() -> dict:
+    def job(engine: EngineWorker) -> dict:
         req = wire.parse(types.SaveWeightsRequest, body, "save_weights")
-        path = save_checkpoint(state, owner, model_id, "weights", req.path, req.ttl_seconds,
-                               req.overwrite, req.user_metadata)
+        path = save_checkpoint(state, engine, owner, model_id, "weights", req.path,
+                               req.ttl_seconds, req.overwrite, req.user_metadata)
         return {"path": path, "type": "save_weights"}
 
     return future_answer(state.submit_for_model(owner, model_id, seq_id, "SaveWeights", job))
@@ -83,10 +86,10 @@ def save_weights(state: State, owner: Owner, body: JsonBody) -> dict:
 def save_weights_for_sampler(state: State, owner: Owner, body: JsonBody) -> dict:
     model_id, seq_id = wire.ordered_envelope(body, "save_weights_for_sampler")
 
-    def job() -> dict:
+    def job(engine: EngineWorker) -> dict:
         req = wire.parse(types.SaveWeightsForSamplerRequest, body, "save_weights_for_sampler")
         if req.path is not None:
-            path = save_checkpoint(state, owner, model_id, "sampler_weights", req.path,
+            path = save_checkpoint(state, engine, owner, model_id, "sampler_weights", req.path,
                                    req.ttl_seconds, True, req.user_metadata)
             return {"path": path, "type": "save_weights_for_sampler"}
         if req.sampling_session_seq_id is None:
@@ -97,7 +100,8 @@ def save_weights_for_sampler(state: State, owner: Owner, body: JsonBody) -> dict
         if state.db.get(SamplerRow, sampler_id) is not None:
             raise UserError(f"sampling_session_seq_id {req.sampling_session_seq_id} is already "
                             f"used in session {run.session_id}")
-        state.engine.add_sampler_snapshot(sampler_id, model_id)
+        engine.add_sampler_snapshot(sampler_id, model_id)
+        state.scheduler.place_sampler(sampler_id, model_id)  # its samples run beside the model
         state.db.add(SamplerRow(id=sampler_id, session_id=run.session_id, owner=owner,
                                 base_model=run.base_model, source="snapshot"))
         return {"sampling_session_id": sampler_id, "path": None,
@@ -111,12 +115,12 @@ def save_weights_for_sampler(state: State, owner: Owner, body: JsonBody) -> dict
 def save_weights_external(state: State, owner: Owner, body: JsonBody) -> dict:
     model_id, seq_id = wire.ordered_envelope(body, "save_weights_external")
 
-    def job() -> dict:
+    def job(engine: EngineWorker) -> dict:
         req = wire.parse(types.SaveWeightsExternalRequest, body, "save_weights_external")
         if req.age_encryption_recipients:
             raise Unsupported("save_weights_external: age_encryption_recipients is not "
                               "supported (exports are written unencrypted to the data directory)")
-        path = save_checkpoint(state, owner, model_id, "external_weights", req.path,
+        path = save_checkpoint(state, engine, owner, model_id, "external_weights", req.path,
                                req.ttl_seconds, True, None)
         size = state.db.get(CheckpointRow, path).size_bytes
         return {"path": path, "size_bytes": size, "type": "save_weights_external"}
@@ -140,8 +144,8 @@ def load_weights(state: State, owner: Owner, body: JsonBody) -> dict:
                         "model_id and seq_id (existing model)")
     model_id = req.model_id
 
-    def job() -> dict:
-        state.engine.load_into(model_id, folder, req.optimizer)
+    def job(engine: EngineWorker) -> dict:
+        engine.load_into(model_id, folder, req.optimizer)
         return {"model_id": model_id, "path": req.path, "type": "load_weights"}
 
     return future_answer(state.submit_for_model(owner, model_id, req.seq_id, "LoadWeights", job))
@@ -158,22 +162,21 @@ def _create_via_load(state: ServerState, owner: str, req: types.LoadWeightsReque
 
     def submit():
         fut = state.futures.create("LoadWeights", owner, model_id)
-        state.scheduler.open_model(model_id)  # the load is seq 0; the client continues at 1
+        lane = req.base_model or state.db.get(TrainingRunRow, parse_tinker_path(req.path)[0]
+                                              ).base_model
+        # the load is seq 0; the client continues at 1
+        state.scheduler.open_model(model_id, lane)
 
-        def job() -> dict:
+        def job(engine: EngineWorker) -> dict:
             if not folder.exists():
                 raise NotFound(f"checkpoint {req.path} has no files on this server")
             state.check_model_quota(owner)
-            tm = state.engine.load_model(model_id, folder, req.optimizer, req.base_model,
-                                         checkpoint)
-            with state.engine.undo_model_on_error(model_id):
-                register_run(state, model_id, req.session_id, owner, tm.base.name,
-                             tm.adapter.config, req.user_metadata)
+            info = engine.load_model(model_id, folder, req.optimizer, req.base_model,
+                                     checkpoint)
+            register_run(state, engine, info, req.session_id, owner, req.user_metadata)
             return {"model_id": model_id, "path": req.path, "type": "load_weights"}
 
-        lane = req.base_model or state.db.get(TrainingRunRow, parse_tinker_path(req.path)[0]
-                                              ).base_model
-        return state.scheduler.submit(fut, Work(lane=lane, run=job))
+        return state.scheduler.submit(fut, Work(lane=lane, model_id=model_id, run=job))
 
     fut, _ = state.once(("create_model", model_id), submit)
     return future_answer(fut)

@@ -1,4 +1,5 @@
-// System: CPU, memory, GPUs, engine busy share, queues, adapters and base models — live, from
+// System: CPU, memory, GPUs, engine busy share, engine workers, queues, adapters and base models
+// — live, from
 // the server's own metrics (/api/system), polled while the page is open and visible.
 
 import { get } from "../api.js";
@@ -67,6 +68,22 @@ export function render(main) {
         { label: "weights", render: (m) => m.quantization || "full precision" },
         { label: "parameter memory", render: (m) => bytes(m.bytes), num: true }],
       s.base_models || [], { empty: "None loaded." }),
+      h("h2", {}, "Engine workers"),
+      h("div", { id: "system-workers" }, table([{ label: "worker", key: "name" },
+        { label: "kind", render: (w) => w.kind === "data-parallel"
+          ? `data-parallel: ${(w.members || []).join(" + ")} (${w.base_model})` : w.kind },
+        { label: "state", render: (w) => (w.alive ? "up" : "lost") +
+          (w.losses ? ` · lost ${w.losses}×` : "") },
+        { label: "process", render: (w) => w.pid ? `${w.pid}${w.node ? " @ " + w.node : ""}`
+          : "–" },
+        { label: "training runs", key: "models_placed", num: true },
+        { label: "queued", key: "queue_depth", num: true },
+        { label: "busy s", render: (w) => fmt(w.busy_seconds, 3), num: true },
+        { label: "passes", key: "passes", num: true },
+        { label: "samples", key: "sample_requests", num: true },
+        { label: "adapter memory", render: (w) => w.memory_bytes === undefined ? "–"
+          : bytes(w.memory_bytes), num: true }],
+      s.workers || [], { empty: "No worker." })),
       h("h2", {}, "Queues"),
       table([{ label: "queue", key: "queue" }, { label: "waiting", key: "depth", num: true }],
         Object.entries(s.queues || {}).map(([queue, depth]) => ({ queue: queue || "(control)",
