@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import openai
 import psutil
 import pytest
 import tinker
@@ -36,6 +37,9 @@ def ray_server(tmp_path_factory, models_dir):
                               "TUNEFORGE_BATCH_WAIT_MS": "0"}).start(timeout=600)
     yield proc
     proc.stop()
+    deadline = time.monotonic() + 30
+    while _ray_processes(proc) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert not _ray_processes(proc), "Ray processes outlived the server"
 
 
@@ -156,6 +160,34 @@ def test_a_data_parallel_group_equals_one_worker(ray_server, local_server):
         np.testing.assert_allclose(dp_weights[key].numpy(), one_weights[key].numpy(), atol=1e-5)
     groups = [w for w in _system(ray_server)["workers"] if w["kind"] == "data-parallel"]
     assert [g["members"] for g in groups] == [["worker-0", "worker-1"]]
+
+
+def test_sampling_and_streaming_through_a_worker(ray_server, local_server):
+    """A snapshot sampler and a base-model chat stream served by Ray workers answer what the
+    in-process engine answers, token for token (the stream's tokens are relayed per step)."""
+    got = {}
+    for name, proc in (("ray", ray_server), ("one", local_server)):
+        for base in (BASE, DP_BASE):  # a worker's snapshot, and the data-parallel group's
+            tc = _service(proc).create_lora_training_client(base_model=base, rank=4,
+                                                            seed=11).result()
+            _step(tc, 0, 0)
+            sampler = tc.save_weights_and_get_sampling_client().result()
+            out = sampler.sample(types.ModelInput.from_ints([5, 6, 7, 8]), 1,
+                                 types.SamplingParams(max_tokens=12, temperature=0)).result()
+            got[name, base] = out.sequences[0].tokens, out.sequences[0].logprobs
+        client = openai.OpenAI(base_url=f"{proc.base_url}/oai/api/v1", api_key=proc.api_key,
+                               max_retries=0)
+        chat = {"model": BASE, "messages": [{"role": "user", "content": "Name a colour."}],
+                "max_tokens": 24, "temperature": 0}
+        whole = client.chat.completions.create(**chat).choices[0].message.content
+        parts = [c.choices[0].delta.content or "" for c in
+                 client.chat.completions.create(**chat, stream=True) if c.choices]
+        assert len(parts) > 1 and "".join(parts) == whole
+        got[name, "chat"] = whole
+    for key in (BASE, DP_BASE):
+        assert got["ray", key][0] == got["one", key][0]
+        np.testing.assert_allclose(got["ray", key][1], got["one", key][1], atol=1e-5)
+    assert got["ray", "chat"] == got["one", "chat"]
 
 
 def test_cluster_listens_on_loopback_only(ray_server):

@@ -260,6 +260,9 @@ class RayWorker:
             raise AttributeError(method)
         return lambda *args, **kwargs: self.call(method, *args, **kwargs)
 
+    def has_room(self, sampler_id: str, request: SampleRequest) -> bool:
+        return self.call("has_room", sampler_id, replace(request, stream=None))
+
     def admit(self, handle: Hashable, sampler_id: str, request: SampleRequest) -> str:
         stream = request.stream
         name = self.call("admit", handle, sampler_id, replace(request, stream=None),
@@ -298,7 +301,7 @@ _PLAIN = frozenset({
     "load_base", "create_model", "load_model", "load_into", "model_info", "forget_model",
     "forward_backward_batch", "optim_step", "save", "add_sampler_snapshot",
     "add_sampler_from_checkpoint", "add_sampler_for_base", "has_sampler", "sampler_ids",
-    "spilled_sampler", "drop", "has_room", "settle",
+    "spilled_sampler", "drop", "settle",
 })
 
 
