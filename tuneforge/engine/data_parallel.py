@@ -41,6 +41,7 @@ class DataParallelGroup:
         self.name = name
         self.rendezvous_dir = rendezvous_dir
         self._joined: list[str | None] | None = None  # member incarnations the group was made of
+        self._rendezvous: Path | None = None
 
     def add_lost_listener(self, listener: Callable[[str], None]) -> None:
         for member in self.members:
@@ -66,16 +67,18 @@ class DataParallelGroup:
             raise error
         return results
 
-    def _ensure_group(self) -> None:
-        """(Re)make the torch.distributed group when a member's process is new."""
+    def join(self) -> None:
+        """(Re)make the torch.distributed group if a member's process is new since."""
         current = [m.incarnation for m in self.members]
         if self._joined == current and None not in current:
             return
         self.rendezvous_dir.mkdir(parents=True, exist_ok=True)
-        rendezvous = self.rendezvous_dir / f"{uuid.uuid4().hex}.store"
+        if self._rendezvous is not None:  # the group it replaces
+            self._rendezvous.unlink(missing_ok=True)
+        self._rendezvous = self.rendezvous_dir / f"{uuid.uuid4().hex}.store"
         world = len(self.members)
-        self._gather([m.submit("join_group", rank, world, str(rendezvous), COLLECTIVE_TIMEOUT_S)
-                      for rank, m in enumerate(self.members)])
+        self._gather([m.submit("join_group", rank, world, str(self._rendezvous),
+                               COLLECTIVE_TIMEOUT_S) for rank, m in enumerate(self.members)])
         self._joined = [m.incarnation for m in self.members]
         logger.info("data-parallel group %s: %d workers joined", self.name, world)
 
@@ -135,7 +138,7 @@ class DataParallelGroup:
         return merged
 
     def optim_step(self, model_id: str, hp: AdamParams) -> dict[str, float]:
-        self._ensure_group()
+        self.join()
         return self._all("optim_step_reduced", model_id, hp)[0]
 
     def save(self, model_id: str, folder: Path, kind: str, name: str,

@@ -64,6 +64,10 @@ class _Relay:
         pass
 
 
+# methods the actor serves itself (as `_NAME`), around its engine's
+_OWN = frozenset({"admit", "decode_step", "reset_decoding", "join_group", "optim_step_reduced"})
+
+
 class EngineActor:
     """One engine worker in its own process (wrapped with `ray.remote` by `start_workers`)."""
 
@@ -79,23 +83,24 @@ class EngineActor:
         self.engine = Engine.from_settings(self.settings, registry, paths.samplers, offload)
         self.incarnation = uuid.uuid4().hex
         self.relays: dict[Hashable, _Relay] = {}
-        self._stats = self.engine.stats()
-        self._group = None  # torch.distributed group of a data-parallel set
+        self.last_stats = self.engine.stats()
+        self.dp_group = None  # the torch.distributed group of its data-parallel set
 
     # ---- calls from the proxy ----------------------------------------------------------------
 
     def call(self, method: str, args: tuple, kwargs: dict) -> tuple[str, bool, object, object]:
         """Run one engine method: (incarnation, ok, result or exception, stats)."""
         try:
-            target = getattr(self, f"_{method}", None) or getattr(self.engine, method)
+            target = getattr(self, f"_{method}") if method in _OWN else getattr(self.engine,
+                                                                                 method)
             ok, value = True, target(*args, **kwargs)
         except Exception as e:
             ok, value = False, _portable(e)
         try:
-            self._stats = self.engine.stats()
+            self.last_stats = self.engine.stats()
         except Exception:  # never lose a result over its stats
             logger.exception("reading worker stats failed")
-        return self.incarnation, ok, value, self._stats
+        return self.incarnation, ok, value, self.last_stats
 
     @ray.method(concurrency_group="control")
     def ping(self) -> tuple[str, int, str]:
@@ -143,18 +148,18 @@ class EngineActor:
         backend = "nccl" if self.engine.registry.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
-        self._group = dist.group.WORLD
+        self.dp_group = dist.group.WORLD
 
     def _optim_step_reduced(self, model_id: str, hp) -> dict[str, float]:
         return self.engine.optim_step(model_id, hp, reduce=self._all_reduce)
 
     def _all_reduce(self, params: list) -> None:
         """Sum the replicas' accumulated gradients (one flat buffer, one collective)."""
-        if self._group is None:
+        if self.dp_group is None:
             raise EngineError("data-parallel step on a worker that joined no group")
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._group)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.dp_group)
         offset = 0
         for p, g in zip(params, grads, strict=True):
             p.grad = flat[offset:offset + g.numel()].view_as(g).clone()

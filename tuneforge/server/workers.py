@@ -53,7 +53,7 @@ def build(settings: Settings, registry: ModelRegistry, paths: DataPaths, futures
     for base, k in settings.data_parallel.items():
         members, free = free[:k], free[k:]
         group = DataParallelGroup(members, f"dp-{base}", paths.root / "ray" / "groups")
-        group._ensure_group()
+        group.join()
         groups[base] = scheduler(group, group.name)
     dispatcher = Dispatcher(futures, [scheduler(w, w.name) for w in remote], groups)
     heartbeat = Heartbeat(remote)
@@ -91,7 +91,7 @@ def describe(dispatcher: Dispatcher) -> list[dict]:
         engine, stats = sched.engine, sched.worker_stats
         out.append({
             "name": sched.name,
-            "kind": "ray" if hasattr(engine, "actor") else "in-process",
+            "kind": "in-process" if isinstance(engine, Engine) else "ray",
             "alive": bool(getattr(engine, "alive", True)),
             "pid": getattr(engine, "pid", None),
             "node": getattr(engine, "node", None),
