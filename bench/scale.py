@@ -1,7 +1,7 @@
 """Engine workers in Ray actors: what two CPU workers buy over one in-process engine.
 
 Three comparisons, each against an in-process server with the same number of torch threads in
-all (`--threads`, 2), through the SDK; the servers run one after another (never two at once):
+all, through the SDK; the servers run one after another (never two at once):
   tenants        eight tenants (one adapter and one SDK training client each, distinct seeds)
                  train at the same time, each in its own thread: forward_backward + optim_step
                  steps of a few datums. Ray server: `--ray auto`, 2 workers of 1 thread each
@@ -11,17 +11,20 @@ all (`--threads`, 2), through the SDK; the servers run one after another (never 
                  data-parallel group for the model (8 datums each, gradients all-reduced);
                  in-process: one engine of 2 threads. Ratio: steps/s (goal >= 1.2).
   latency        one client, sequential: the same small forward (1 datum of 8 tokens), and an
-                 optim_step, repeated. Ray server: 1 worker of `--threads` threads; in-process:
-                 the same engine in the server's process. Added latency: median minus median
+                 optim_step, repeated. Ray server: 1 worker of 1 thread; in-process: the same
+                 engine (1 thread) in the server's process. Added latency: median minus median
                  (goal <= 5 ms for the forward). Also the server-side part of it: the time the
                  worker's scheduler thread spends per request (worker_busy_seconds_total).
+The in-process server of 1 thread also runs the two throughput phases: against it,
+ray / (2 x 1 thread) says how much of perfect two-core scaling the workers reach, and in-process
+2 threads / 1 thread how much torch's own threads reach (ray / in-process is their quotient).
 Throughputs are medians over the rounds after a warm-up round. Beside each throughput phase
 the script prints where the CPU time went (the controller process, each worker process, Ray's
 own daemons, this client process, as cores used over the wall time) and each worker's busy
-share (`tuneforge_worker_busy_seconds_total` over the wall time).
+share (`tuneforge_worker_busy_seconds_total` over the wall time) and the passes run per round.
 
     python bench/scale.py [--model tuneforge/tiny-qwen3-l] [--tenants 8] [--datums 2]
-                          [--seq 128] [--dp-batch 16] [--rounds 3] [--steps 4] [--reps 200]
+                          [--seq 128] [--dp-batch 16] [--rounds 5] [--steps 4] [--reps 200]
                           [--threads 2] [--record]
 """
 
@@ -65,10 +68,14 @@ def engine_worker(server, model_id: str) -> str | None:
                      headers={"X-API-Key": server.api_key}, timeout=30).json()["engine_worker"]
 
 
+def per_worker(metrics: dict[str, float], name: str) -> dict[str, float]:
+    """worker name -> the value of the per-worker metric `name`."""
+    prefix = f'{name}{{worker="'
+    return {k[len(prefix):-2]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
 def worker_busy(server) -> dict[str, float]:
-    """worker name -> tuneforge_worker_busy_seconds_total."""
-    prefix = 'tuneforge_worker_busy_seconds_total{worker="'
-    return {k[len(prefix):-2]: v for k, v in server.metrics().items() if k.startswith(prefix)}
+    return per_worker(server.metrics(), "tuneforge_worker_busy_seconds_total")
 
 
 class CpuMeter:
@@ -96,7 +103,7 @@ class CpuMeter:
                 try:
                     t = p.cpu_times()
                     total += t.user + t.system
-                except psutil.Error:  # a short-lived Ray helper that exited
+                except psutil.Error:  # a short-lived Ray process that exited
                     pass
             out[role] = total
         return out
@@ -110,15 +117,22 @@ class Phase:
         self.times: list[float] = []
         self.cores: dict[str, list[float]] = {}
         self.busy: dict[str, list[float]] = {}
+        self.passes: list[float] = []
+
+    def _read(self) -> tuple[dict[str, float], dict[str, float], float]:
+        metrics = self.server.metrics()
+        return (self.cpu.read(), per_worker(metrics, "tuneforge_worker_busy_seconds_total"),
+                sum(per_worker(metrics, "tuneforge_worker_passes_total").values()))
 
     def run(self, fn, rounds: int) -> None:
         for r in range(rounds + 1):  # the first round warms up
-            cpu0, busy0 = self.cpu.read(), worker_busy(self.server)
+            cpu0, busy0, passes0 = self._read()
             t = timed(fn)
-            cpu1, busy1 = self.cpu.read(), worker_busy(self.server)
+            cpu1, busy1, passes1 = self._read()
             if not r:
                 continue
             self.times.append(t)
+            self.passes.append(passes1 - passes0)
             for role in cpu1:
                 self.cores.setdefault(role, []).append((cpu1[role] - cpu0[role]) / t)
             for name in busy1:
@@ -129,7 +143,8 @@ class Phase:
         busy = ", ".join(f"{name} {100 * median(v):.0f}%" for name, v in self.busy.items()
                          if median(v) > 0)
         total = sum(median(v) for v in self.cores.values())
-        return f"cores used: {cores} (sum {total:.2f}); worker busy: {busy}"
+        return (f"cores used: {cores} (sum {total:.2f}); worker busy: {busy}; "
+                f"{median(self.passes):.0f} passes per round")
 
 
 def tenants(server, sc, args, datum, adam) -> Phase:
@@ -190,13 +205,15 @@ def main() -> None:
     ap.add_argument("--datums", type=int, default=2, help="datums per tenant step")
     ap.add_argument("--seq", type=int, default=128, help="tokens per datum")
     ap.add_argument("--dp-batch", type=int, default=16, help="datums per data-parallel step")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each phase")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds of each phase")
     ap.add_argument("--steps", type=int, default=4, help="steps per client per round")
     ap.add_argument("--reps", type=int, default=200, help="requests per latency measurement")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads of the in-process engine = Ray workers x their threads")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
+    if args.threads < 2:
+        ap.error("--threads: at least 2 (a data-parallel group needs two workers)")
     import torch
     from tinker import types
 
@@ -211,6 +228,9 @@ def main() -> None:
         with serving(tmp, "in-process", args.model, args.threads) as (server, sc):
             local_tenants = tenants(server, sc, args, datum, adam)
             local_batch = one_batch(server, sc, args, datum, adam)
+        with serving(tmp, "in-process 1 thr", args.model, 1) as (server, sc):
+            one_tenants = tenants(server, sc, args, datum, adam)
+            one_batch_1 = one_batch(server, sc, args, datum, adam)
             local_latency = latency(server, sc, args, adam)
         with serving(tmp, f"ray {k} workers", args.model, 1, **ray_env,
                      TUNEFORGE_WORKERS=str(k)) as (server, sc):
@@ -219,16 +239,20 @@ def main() -> None:
                      TUNEFORGE_WORKERS=str(k),
                      TUNEFORGE_DATA_PARALLEL=f'{{"{args.model}": {k}}}') as (server, sc):
             dp_batch = one_batch(server, sc, args, datum, adam)
-        with serving(tmp, "ray 1 worker", args.model, 1, TUNEFORGE_RAY="auto",
-                     TUNEFORGE_WORKERS="1",
-                     TUNEFORGE_WORKER_THREADS=str(args.threads)) as (server, sc):
+        with serving(tmp, "ray 1 worker", args.model, 1, **ray_env,
+                     TUNEFORGE_WORKERS="1") as (server, sc):
             ray_latency = latency(server, sc, args, adam)
 
     tenant_tokens = args.tenants * args.datums * args.seq * args.steps
     tps = {name: tenant_tokens / median(p.times) for name, p in
-           (("ray", ray_tenants), ("in-process", local_tenants))}
+           (("ray", ray_tenants), ("in-process", local_tenants), ("1 thr", one_tenants))}
     sps = {name: args.steps / median(p.times) for name, p in
-           (("dp", dp_batch), ("one", local_batch))}
+           (("dp", dp_batch), ("one", local_batch), ("1 thr", one_batch_1))}
+    # against perfect scaling of a 1-thread engine over `k` cores, and torch's own threading
+    scaling = {"tenants ray": tps["ray"] / (k * tps["1 thr"]),
+               "tenants threads": tps["in-process"] / tps["1 thr"],
+               "dp ray": sps["dp"] / (k * sps["1 thr"]),
+               "dp threads": sps["one"] / sps["1 thr"]}
     added = {name: ray_latency[name] - local_latency[name] for name in ("forward", "optim_step")}
     added_busy = {name: ray_latency[f"{name} busy"] - local_latency[f"{name} busy"]
                   for name in ("forward", "optim_step")}
@@ -241,12 +265,18 @@ def main() -> None:
           f"{ray_tenants.describe()}")
     print(f"  in-process {args.threads} thr       {tps['in-process']:8.0f} tokens/s   "
           f"{local_tenants.describe()}")
+    print(f"  in-process 1 thr       {tps['1 thr']:8.0f} tokens/s   {one_tenants.describe()}")
+    print(f"  ray / ({k} x 1 thr) = {scaling['tenants ray']:.2f}, in-process {args.threads} thr "
+          f"/ 1 thr = {scaling['tenants threads']:.2f}")
     print(f"data parallel: {args.dp_batch}x{args.seq} tokens per step, rank {RANK}")
     print(f"  ray dp x{k} x 1 thr       {sps['dp']:8.2f} steps/s    {dp_batch.describe()}")
     print(f"  in-process {args.threads} thr       {sps['one']:8.2f} steps/s    "
           f"{local_batch.describe()}")
-    print(f"latency (median of {args.reps} sequential requests; server-side: the worker's "
-          "scheduler thread per request)")
+    print(f"  in-process 1 thr       {sps['1 thr']:8.2f} steps/s    {one_batch_1.describe()}")
+    print(f"  dp / ({k} x 1 thr) = {scaling['dp ray']:.2f}, in-process {args.threads} thr / 1 thr "
+          f"= {scaling['dp threads']:.2f}")
+    print(f"latency, 1 thread (median of {args.reps} sequential requests; server-side: the "
+          "worker's scheduler thread per request)")
     for name in ("forward", "optim_step"):
         print(f"  {name:10s} ray 1 worker {1e3 * ray_latency[name]:6.2f} ms, in-process "
               f"{1e3 * local_latency[name]:6.2f} ms, added {1e3 * added[name]:+6.2f} ms "
@@ -257,9 +287,12 @@ def main() -> None:
     print(f"added latency (1x8 forward)    = {1e3 * added['forward']:+.2f} ms   (goal <= 5 ms)")
     if args.record:
         record("scale", f"{args.model} | {args.tenants} x {args.datums}x{args.seq}; "
-               f"dp {args.dp_batch}x{args.seq}; {args.threads} thr, {args.rounds}x{args.steps} "
-               f"steps | {tps['ray']:.0f} / {tps['in-process']:.0f} | {r_tenants:.2f} | "
+               f"dp {args.dp_batch}x{args.seq}; {args.threads} thr, latency 1 thr, "
+               f"{args.rounds}x{args.steps} steps | {tps['ray']:.0f} / {tps['in-process']:.0f} | "
+               f"{r_tenants:.2f} | "
                f"{sps['dp']:.2f} / {sps['one']:.2f} | {r_dp:.2f} | "
+               f"{scaling['tenants ray']:.2f} / {scaling['tenants threads']:.2f}; "
+               f"{scaling['dp ray']:.2f} / {scaling['dp threads']:.2f} | "
                f"{1e3 * ray_latency['forward']:.1f} / {1e3 * local_latency['forward']:.1f} ms | "
                f"{1e3 * added['forward']:+.1f} ms (server-side {1e3 * added_busy['forward']:+.1f})"
                f"; optim_step {1e3 * added['optim_step']:+.1f} ms")
