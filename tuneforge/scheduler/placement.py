@@ -119,6 +119,14 @@ class Dispatcher:
             if sched is not None:
                 self._samplers[sampler_id] = sched
 
+    def forget(self, prefix: str) -> None:
+        """Forget the placed samplers and lost models whose ids start with `prefix` (those of a
+        finished session)."""
+        with self._lock:
+            for table in (self._samplers, self._lost):
+                for key in [k for k in table if k.startswith(prefix)]:
+                    del table[key]
+
     def worker_of(self, model_id: str) -> str | None:
         with self._lock:
             sched = self._models.get(model_id)

@@ -52,7 +52,9 @@ class ServerState:
         self.scheduler.on_models_lost = self._models_lost
         self.seeds = DefaultSeeds(settings.seed)
         self.run_metrics = RunMetrics(self.db)
-        self.load = EngineLoad(self.scheduler.stats)
+        self.load = EngineLoad(
+            lambda: sum(s.stats.busy_seconds for s in self.scheduler.schedulers),
+            len(self.scheduler.workers))
         self.model_owners: dict[str, str] = {}
         self.model_lanes: dict[str, str] = {}  # model id -> its base model (its queue)
         self.model_info: dict[str, ModelInfo] = {}  # as created; answers get_info
@@ -123,6 +125,7 @@ class ServerState:
             engine.drop(prefix)
             return {}
 
+        self.scheduler.forget(prefix)
         self.scheduler.submit_everywhere("ReleaseSession", owner, job)
 
     def _forget_model(self, model_id: str) -> None:
@@ -136,8 +139,7 @@ class ServerState:
         """Training models whose engine worker died: they no longer count as loaded (their
         next requests get the reason from the scheduler)."""
         for model_id in model_ids:
-            self.model_owners.pop(model_id, None)
-            self.model_info.pop(model_id, None)
+            self._forget_model(model_id)
 
     def note_activity(self, model_id: str) -> None:
         """Record a run's last request time, at most every few seconds (one DB write per

@@ -89,11 +89,12 @@ def describe(dispatcher: Dispatcher) -> list[dict]:
     out = []
     for sched in dispatcher.workers:
         engine, stats = sched.engine, sched.worker_stats
+        local = isinstance(engine, Engine)
         out.append({
             "name": sched.name,
-            "kind": "in-process" if isinstance(engine, Engine) else "ray",
+            "kind": "in-process" if local else "ray",
             "alive": bool(getattr(engine, "alive", True)),
-            "pid": getattr(engine, "pid", None),
+            "pid": os.getpid() if local else engine.pid,
             "node": getattr(engine, "node", None),
             "losses": int(getattr(engine, "losses", 0)),
             "queue_depth": sched.depth,
