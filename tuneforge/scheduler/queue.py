@@ -55,7 +55,7 @@ class Work:
 
     lane: str = ""  # the base model it runs on ("" = none)
     model_id: str | None = None
-    sampler_id: str | None = None  # for sampling: whose weights (placement follows it)
+    sampler_id: str | None = None  # sampling: the sampler (or family of them) placed together
     run: Callable[[EngineWorker], dict | bytes] | None = None
     fb: ForwardBackwardInput | None = None
     encode_fb: Callable[[ForwardBackwardResult], bytes] | None = None

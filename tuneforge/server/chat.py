@@ -306,8 +306,10 @@ def submit(state: ServerState, owner: str, chat: PreparedChat, stream: bool = Fa
         load_sampler(engine, chat.model, folder)
         return chat.model.sampler_id, sample
 
-    work = Work(lane=chat.model.base_model, sampler_id=chat.model.sampler_id, sample=admit,
-                encode_sample=_sequences_json)
+    # every version of a checkpoint's chat sampler is placed on one worker, where loading a
+    # newer version drops the older ones (load_sampler)
+    work = Work(lane=chat.model.base_model, sampler_id=chat.model.family or chat.model.sampler_id,
+                sample=admit, encode_sample=_sequences_json)
     return state.scheduler.submit(fut, work)
 
 
