@@ -78,7 +78,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from gpu_qlora import QWEN3_8B, SMOKE, _Partial, build_random  # noqa: E402
+from gpu_qlora import (  # noqa: E402
+    QWEN3_8B,
+    SMOKE,
+    _Partial,
+    _strict_fp32,
+    _sync,
+    build_random,
+)
 
 TINY = "tuneforge/tiny-qwen3"
 SYNTHETIC = "random/qwen3-8b"
@@ -95,21 +102,6 @@ def _device(args):
     import torch
 
     return torch.device("cpu" if args.smoke else "cuda")
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _strict_fp32() -> None:
-    import torch
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
 
 
 def _input(rows, loss_fn="cross_entropy", forward_only=False):

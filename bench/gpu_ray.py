@@ -97,7 +97,7 @@ SHAPES = {
 def build_folder(shape: str, folder: Path, models_dir: Path) -> dict:
     """A random Qwen3 of `shape`, saved with save_pretrained, beside the tiny tokenizer."""
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from gpu_qlora import build_random
 
     from tuneforge.engine.models import ModelRegistry
 
@@ -109,25 +109,10 @@ def build_folder(shape: str, folder: Path, models_dir: Path) -> dict:
         "rope_theta": 1000000.0}
     for key in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type"):
         spec.pop(key, None)
-    config = Qwen3Config(**spec)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen3ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(0)
-    with torch.no_grad():  # explicit: every parameter initialised, whatever transformers does
-        for _, p in model.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0)  # RMSNorm weights
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+    model = build_random(spec, dtype, device, quantize=False, compute_dtype=None)
     params = sum(p.numel() for p in model.parameters())
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

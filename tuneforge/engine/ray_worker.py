@@ -60,9 +60,6 @@ class _Relay:
     def push(self, deltas: list[TokenDelta]) -> None:
         self.deltas.extend(deltas)
 
-    def close(self) -> None:
-        pass
-
 
 # methods the actor serves itself (as `_NAME`), around its engine's
 _OWN = frozenset({"admit", "decode_step", "reset_decoding", "join_group", "optim_step_reduced"})

@@ -11,6 +11,8 @@ interface, so the scheduler never knows which one it drives:
 
 Rules every implementation keeps:
 - every call runs on the worker's own thread (the scheduler thread that drives it), one at a time;
+- `decoding()` and `stats()` answer from what the worker already knows, without a round trip
+  and without raising (the scheduler asks them on every turn of its loop);
 - arguments and results are plain data (dataclasses, arrays, paths): no tensors and no engine
   objects cross the seam, so a result can travel between processes;
 - ids are opaque strings chosen by the caller; a worker knows nothing of their format, and

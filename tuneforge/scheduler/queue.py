@@ -213,18 +213,11 @@ class Scheduler:
             self._admit_samples()
             if unit:
                 self._run_unit(unit)
-            decoding = self._engine_decoding()
+            decoding = self.engine.decoding()
             if decoding:
                 self._decode_step()
-                decoding = self._engine_decoding()
+                decoding = self.engine.decoding()
             self._read_stats()
-
-    def _engine_decoding(self) -> bool:
-        try:
-            return self.engine.decoding()
-        except Exception:  # a lost worker decodes nothing; its requests already failed
-            logger.exception("engine worker %s: decoding state unreadable", self.name)
-            return False
 
     def _read_stats(self, now: bool = False) -> None:
         """Refresh `worker_stats`: `now` before answering a request, else at most every
@@ -233,10 +226,7 @@ class Scheduler:
         if not now and clock - self._stats_read < STATS_SECONDS:
             return
         self._stats_read = clock
-        try:
-            self.worker_stats = self.engine.stats()
-        except Exception as e:  # keep the last reading; the next call reports the loss
-            logger.warning("engine worker %s: stats unreadable (%s)", self.name, e)
+        self.worker_stats = self.engine.stats()
 
     def _take_unit(self) -> list[tuple[Future, Work]]:
         """The next lane's oldest request, with its batch mates. Caller holds the lock."""
