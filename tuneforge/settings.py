@@ -70,8 +70,9 @@ class Settings(BaseSettings):
     num_threads: int = Field(0, ge=0)
     """torch intra-op threads for the engine; 0 = all cores."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    """Compute dtype: bf16 autocast or fp32 for forward/backward and sampling (weights and
-    optimizer state stay fp32). auto: bf16 on CUDA or a CPU with AVX512-BF16/AMX, else fp32."""
+    """Compute dtype: bf16 autocast or fp32 for forward/backward and sampling. In bf16 the base's
+    linear weights are stored rounded to bf16 (what autocast computes with); LoRA weights and
+    optimizer state stay fp32. auto: bf16 on CUDA or a CPU with AVX512-BF16/AMX, else fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass for every run (less memory, more compute;
     same results). A run can ask for it alone with user_metadata gradient_checkpointing=true."""
