@@ -4,6 +4,7 @@ different adapters and settings) get what each gets decoded alone."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from tuneforge.engine import decoder
@@ -11,6 +12,12 @@ from tuneforge.engine.lora import LoRAConfig, new_adapter
 from tuneforge.engine.sampler import SampleRequest, SamplingParams
 
 MODEL = "tuneforge/tiny-qwen3"
+
+
+@pytest.fixture(params=[True, False], ids=["lean", "reference"])
+def lean(request) -> bool:
+    """Both forward passes of the decoder: the lean one and the transformers one."""
+    return request.param
 
 
 def adapters(base):
@@ -38,13 +45,13 @@ def requests():
     return out
 
 
-def test_requests_decoded_together_equal_each_alone(registry):
+def test_requests_decoded_together_equal_each_alone(registry, lean):
     base = registry.get(MODEL)
     ads = adapters(base)
     reqs = requests()
-    alone = [decoder.sample_alone(base, ads[i % 3], r) for i, r in enumerate(reqs)]
+    alone = [decoder.sample_alone(base, ads[i % 3], r, lean=lean) for i, r in enumerate(reqs)]
 
-    dec = decoder.Decoder(base, max_rows=64)
+    dec = decoder.Decoder(base, max_rows=64, lean=lean)
     results, joined = {}, 0
     while len(results) < len(reqs):
         if joined < len(reqs):  # a new request joins at every other step
@@ -66,9 +73,9 @@ def test_requests_decoded_together_equal_each_alone(registry):
             np.testing.assert_allclose(got.prompt_logprobs, want.prompt_logprobs, atol=1e-5)
 
 
-def test_capacity_and_rows_leave_as_they_finish(registry):
+def test_capacity_and_rows_leave_as_they_finish(registry, lean):
     base = registry.get(MODEL)
-    dec = decoder.Decoder(base, max_rows=4)
+    dec = decoder.Decoder(base, max_rows=4, lean=lean)
     long = SampleRequest(prompt=[5, 6, 7], num_samples=3,
                          params=SamplingParams(max_tokens=6, temperature=0.0))
     short = SampleRequest(prompt=[8], num_samples=1,
@@ -86,7 +93,7 @@ def test_capacity_and_rows_leave_as_they_finish(registry):
     assert dec.cache is None and dec.rows == 0
 
 
-def test_equal_sized_requests_take_the_stacked_path_and_still_match(registry):
+def test_equal_sized_requests_take_the_stacked_path_and_still_match(registry, lean):
     base = registry.get(MODEL)
     # None (base model), rank 2, rank 16, frozen as samplers hold them: padded to one stack
     ads = [a.snapshot() if a is not None else None for a in adapters(base)]
@@ -94,8 +101,8 @@ def test_equal_sized_requests_take_the_stacked_path_and_still_match(registry):
                           params=SamplingParams(max_tokens=8, temperature=0.0,
                                                 stop_token_ids=frozenset()))
             for i in range(3)]
-    alone = [decoder.sample_alone(base, ads[i], r) for i, r in enumerate(reqs)]
-    dec = decoder.Decoder(base)
+    alone = [decoder.sample_alone(base, ads[i], r, lean=lean) for i, r in enumerate(reqs)]
+    dec = decoder.Decoder(base, lean=lean)
     for i, r in enumerate(reqs):
         dec.admit(i, ads[i], r)
     results = {}

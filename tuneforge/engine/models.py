@@ -35,7 +35,15 @@ import torch
 from torch import nn
 
 from tuneforge import quantization as quant
-from tuneforge.engine import checkpointing, hardware, lora, quantized, smollm2, tiny
+from tuneforge.engine import (
+    checkpointing,
+    fast_decode,
+    hardware,
+    lora,
+    quantized,
+    smollm2,
+    tiny,
+)
 from tuneforge.errors import EngineError, LimitExceeded, Unsupported, UserError
 from tuneforge.settings import ModelSpec, Settings
 
@@ -172,9 +180,9 @@ class ModelRegistry:
         return list(self._loaded) + [n for n in self._cards if n not in self._loaded]
 
     def sizes(self) -> dict[str, int]:
-        """Parameter bytes of each loaded base model (does not count as a use)."""
+        """Bytes each loaded base model holds (does not count as a use)."""
         with self._lock:
-            return {name: b.nbytes for name, b in self._loaded.items()}
+            return {name: _held_bytes(b) for name, b in self._loaded.items()}
 
     def get(self, name: str) -> BaseModel:
         _check_name(name)
@@ -206,7 +214,7 @@ class ModelRegistry:
                 f"{', '.join(self._loaded)}")
 
     def _used(self) -> int:
-        return sum(b.nbytes for b in self._loaded.values())
+        return sum(_held_bytes(b) for b in self._loaded.values())
 
     def load_copy(self, name: str) -> nn.Module:
         """A fresh copy of the model `name` serves (quantized alike), frozen, on the registry's
@@ -353,6 +361,11 @@ def store_linears(model: nn.Module, dtype: torch.dtype) -> None:
                     if hasattr(model.config, "get_text_config"):
                         model.config.get_text_config().tie_word_embeddings = False
                 setattr(module, name, nn.Parameter(rounded, requires_grad=False))
+
+
+def _held_bytes(base: BaseModel) -> int:
+    """Parameters (and quantization statistics), and the weight copies decoding keeps."""
+    return base.nbytes + fast_decode.copied_bytes(base.model)
 
 
 def _param_bytes(model: nn.Module) -> int:
