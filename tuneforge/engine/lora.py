@@ -184,7 +184,8 @@ class LoRALinear(nn.Module):
 
     def _delta(self, x: torch.Tensor, adapter: Adapter) -> torch.Tensor:
         a, b = adapter.A[self.path], adapter.B[self.path]
-        return (x.to(a.dtype) @ a.t() @ b.t()).to(x.dtype) * adapter.scaling
+        # the scaling on the rank-sized product, not on the (maybe vocabulary-sized) output
+        return (((x.to(a.dtype) @ a.t()) * adapter.scaling) @ b.t()).to(x.dtype)
 
 
 def inject(model: nn.Module) -> tuple[Router, dict[str, list[str]]]:

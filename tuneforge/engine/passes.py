@@ -150,7 +150,91 @@ def _collect(pieces: list[tuple[Job, list[Row]]], lps: list, elementwise: list,
                 job.grads[i] = g if job.grads[i] is None else job.grads[i] + g
 
 
+# Causal LMs whose logits are exactly `lm_head(last hidden state)` (no scaling, no soft-capping):
+# their loss can be taken from the decoder's hidden states of the real positions alone.
+HEAD_ONLY_ARCHS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                             "Qwen3ForCausalLM"})
+# Rows of hidden states per lm_head + log-softmax chunk: its logits stay in the cache between
+# the matmul and the softmax (measured on SmolLM2 and tiny-qwen3, 1 thread; see bench/RESULTS.md).
+CHUNK_TOKENS = 128
+PACKED = True  # False: every pass takes the reference path (`reference_losses`)
+
+
 def _losses(base: BaseModel, rows: list[Row], pieces: list[tuple[Job, list[Row]]], dtype: str):
+    if PACKED and base.arch in HEAD_ONLY_ARCHS:
+        return packed_losses(base, rows, pieces, dtype)
+    return reference_losses(base, rows, pieces, dtype)
+
+
+def packed_losses(base: BaseModel, rows: list[Row], pieces: list[tuple[Job, list[Row]]],
+                  dtype: str):
+    """Per-row target logprobs and elementwise losses, from the real positions only.
+
+    The decoder runs on the padded batch; its last hidden states of the real (non-padding)
+    positions are packed into [Ntok, H], and lm_head plus the log-softmax run on chunks of at
+    most `CHUNK_TOKENS` of them, each chunk within one adapter's tokens (so lm_head's LoRA delta
+    is that adapter's alone). No [B, T, V] logits tensor is ever made: padding costs nothing in
+    the vocabulary-sized part, and each chunk's logits stay in the cache from the matmul to the
+    softmax (and back in the backward pass)."""
+    lengths = [len(t) for t, _ in rows]
+    tokens = torch.nn.utils.rnn.pad_sequence([t for t, _ in rows], batch_first=True)
+    autocast = torch.autocast(base.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    with autocast:
+        hidden = base.model.get_decoder()(input_ids=tokens, use_cache=False).last_hidden_state
+    if min(lengths) == tokens.shape[1]:
+        packed = hidden.reshape(-1, hidden.shape[-1])  # no padding: a view
+    else:
+        real = torch.arange(tokens.shape[1], device=tokens.device) < torch.tensor(
+            lengths, device=tokens.device)[:, None]
+        packed = hidden[real]  # row-major: each row's positions in order, rows in order
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    two_d = any(inputs["target_tokens"].ndim == 2 for _, inputs in rows)
+    widths = [inputs["target_tokens"].shape[1] if inputs["target_tokens"].ndim == 2 else 1
+              for _, inputs in rows]
+    if two_d:
+        index = torch.zeros(offsets[-1], max(widths), dtype=torch.long, device=tokens.device)
+        for r, (_, inputs) in enumerate(rows):
+            index[offsets[r]:offsets[r + 1], :widths[r]] = inputs["target_tokens"].view(
+                lengths[r], -1)
+    else:
+        index = torch.cat([inputs["target_tokens"] for _, inputs in rows]).to(tokens.device)
+    head = base.model.get_output_embeddings()
+    router = base.router
+    picked = []
+    for seg in router.segments:  # rows of one adapter are consecutive, so are their tokens
+        stop = offsets[seg.stop]
+        for start in range(offsets[seg.start], stop, CHUNK_TOKENS):
+            end = min(start + CHUNK_TOKENS, stop)
+            with lora.activate(router, [lora.Segment(seg.adapter, 0, end - start)],
+                               router.checkpoint), autocast:
+                logits = head(packed[start:end])
+            logits = logits.float()  # (a chunk at a time; a no-op in fp32)
+            if two_d:
+                picked.append(logits.gather(-1, index[start:end])
+                              - torch.logsumexp(logits, -1, keepdim=True))
+            else:
+                # the fused kernel: -logprob, and in the backward softmax minus one-hot, in one
+                # sweep over the vocabulary
+                picked.append(-torch.nn.functional.cross_entropy(
+                    logits, index[start:end], reduction="none"))
+    per_row = torch.cat(picked).split(lengths)  # one split: one backward op for every row
+    lps, elementwise, r = [], [], 0
+    for job, piece in pieces:
+        for _, inputs in piece:
+            lp = per_row[r]
+            lp = lp[:, :widths[r]] if two_d else lp
+            lp = lp.reshape(inputs["target_tokens"].shape)
+            lps.append(lp)
+            elementwise.append(job.spec.fn(lp, inputs, job.config))
+            r += 1
+    return lps, elementwise
+
+
+def reference_losses(base: BaseModel, rows: list[Row], pieces: list[tuple[Job, list[Row]]],
+                     dtype: str):
+    """The full-logits path: the HF model's logits [B, T, V] for every position (padding
+    included), then the log-softmax over all of them. Works for every causal LM; the reference
+    that `packed_losses` is tested against."""
     tokens = torch.nn.utils.rnn.pad_sequence([t for t, _ in rows], batch_first=True)
     # Right padding needs no attention mask: causal attention never looks ahead, so real
     # positions are unaffected by the padding after them.
