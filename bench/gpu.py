@@ -20,6 +20,9 @@ the throughput part each section, and each training size, fails alone, out of me
                - sampler-vs-trainer (fp32 and bf16): `Engine.sample` of a snapshot sampler of
                  the adapter (temperature 1, prompt logprobs) against `forward` logprobs of the
                  same prompt + sampled tokens: max abs difference <= 1e-3 (fp32), <= 5e-2 (bf16)
+               - lean-decode (fp32 and bf16): greedy decoding of that snapshot by the lean
+                 forward (engine/fast_decode.py) against the transformers forward: the same
+                 tokens, logprobs within 1e-4 (fp32), 5e-2 (bf16)
   throughput   a random Qwen3-8B-shaped model (hidden 4096, 36 layers, 32 heads, 8 KV heads,
                intermediate 12288, vocab 151936, untied lm_head) built in GPU memory from its
                config (no checkpoint, no download), bf16 weights, the engine in bf16 autocast:
@@ -93,7 +96,7 @@ PARTS = ("correctness", "throughput")
 BOXES = {"correctness": 120, "throughput": 330}  # seconds, imports and the model build included
 GOALS = {"mfu": 0.45, "tenants": 3.0, "decode_1": 1.5, "decode_64": 5.0}
 TOL = {"peft": 1e-2, "ce_loss": 1e-5, "ce_grad": 1e-4, "bf16_loss": 2e-2, "bf16_cos": 0.99,
-       "sampler_fp32": 1e-3, "sampler_bf16": 5e-2}
+       "sampler_fp32": 1e-3, "sampler_bf16": 5e-2, "lean_fp32": 1e-4, "lean_bf16": 5e-2}
 
 
 # ---- shared pieces ---------------------------------------------------------------------------
@@ -274,6 +277,30 @@ def _sampler_vs_trainer(engine, model_id, vocab: int, seed: int) -> dict:
             "sampled_tokens": len(seq.tokens), "max_abs": float(max(prompt_diff, sample_diff))}
 
 
+def _lean_vs_transformers(engine, model_id, vocab: int, seed: int) -> dict:
+    """Greedy decoding of a snapshot sampler by the lean forward (engine/fast_decode.py) and by
+    the transformers forward: the same tokens, and their logprobs."""
+    import numpy as np
+
+    from tuneforge.engine import decoder
+    from tuneforge.engine.sampler import SampleRequest, SamplingParams
+
+    prompt = np.random.default_rng(seed).integers(0, vocab, 24).tolist()
+    request = SampleRequest(prompt=prompt, num_samples=1, prompt_logprobs=True,
+                            params=SamplingParams(max_tokens=32, temperature=0.0))
+    adapter = engine.model(model_id).adapter.snapshot()
+    base = engine.model(model_id).base
+    lean, ref = (decoder.sample_alone(base, adapter, request, engine.dtype, lean=flag)
+                 for flag in (True, False))
+    a, b = lean.sequences[0], ref.sequences[0]
+    same = a.tokens == b.tokens
+    diff = np.abs(np.asarray(a.logprobs) - np.asarray(b.logprobs)).max() if same else np.inf
+    prompt_diff = np.abs(np.asarray(lean.prompt_logprobs[1:])
+                         - np.asarray(ref.prompt_logprobs[1:])).max()
+    return {"same_tokens": same, "tokens": len(a.tokens),
+            "max_abs": float(max(diff, prompt_diff))}
+
+
 def part_correctness(args, out: _Partial) -> None:
     import torch
 
@@ -336,6 +363,13 @@ def part_correctness(args, out: _Partial) -> None:
         row = _sampler_vs_trainer(engines[dtype], f"m-{dtype}", vocab, 3)
         row["ok"] = row["max_abs"] <= TOL[f"sampler_{dtype}"]
         out[f"sampler_{dtype}"] = row
+        ok &= row["ok"]
+
+    # the lean decoding forward against the transformers one
+    for dtype in ("fp32", "bf16"):
+        row = _lean_vs_transformers(engines[dtype], f"m-{dtype}", vocab, 4)
+        row["ok"] = row["same_tokens"] and row["max_abs"] <= TOL[f"lean_{dtype}"]
+        out[f"lean_{dtype}"] = row
         ok &= row["ok"]
     out["ok_checks"] = bool(ok)
 
@@ -693,6 +727,12 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
               lambda r: f"max |dlogprob| {r['max_abs']:.1e} (prompt {r['prompt_max_abs']:.1e}, "
                         f"{r['sampled_tokens']} sampled {r['sampled_max_abs']:.1e})",
               f"<= {TOL[f'sampler_{dtype}']:g}")
+    for dtype in ("fp32", "bf16"):
+        check(f"lean_{dtype}", f"lean decode vs transformers, {dtype}",
+              lambda r: f"{r['tokens']} greedy tokens "
+                        f"{'equal' if r['same_tokens'] else 'DIFFER'}, "
+                        f"max |dlogprob| {r['max_abs']:.1e}",
+              f"same tokens, <= {TOL[f'lean_{dtype}']:g}")
     missing = t.get("error", "not run")[:70]
     m = t.get("matmul")
     def measured(key, field):
