@@ -87,7 +87,9 @@ from gpu_qlora import (  # noqa: E402
     _Partial,
     _strict_fp32,
     _sync,
+    _tiny_folder,
     build_random,
+    in_memory_registry,
 )
 
 TINY = "tuneforge/tiny-qwen3"
@@ -415,7 +417,6 @@ def part_throughput(args, out: _Partial) -> None:
     from tuneforge.engine import residency
     from tuneforge.engine.engine import Engine
     from tuneforge.engine.lora import LoRAConfig
-    from tuneforge.engine.models import ModelRegistry
     from tuneforge.engine.optim import AdamParams
     from tuneforge.settings import Limits
 
@@ -424,7 +425,7 @@ def part_throughput(args, out: _Partial) -> None:
     spec = SMOKE if args.smoke else QWEN3_8B
     weights = torch.float32 if args.smoke else torch.bfloat16
     dtype = "fp32" if args.smoke else "bf16"
-    tokenizer_dir = ModelRegistry(Path(args.models_dir), torch.device("cpu")).resolve(TINY)
+    tokenizer_dir = _tiny_folder(args)
     deadline = args.deadline
 
     def time_left(need: float) -> bool:
@@ -435,21 +436,9 @@ def part_throughput(args, out: _Partial) -> None:
     rate = matmul_rate(device, weights, n, 5 if args.smoke else 20)
     out["matmul"] = {"n": n, "dtype": str(weights), "flops_per_s": rate}
 
-    class InMemoryRegistry(ModelRegistry):
-        """Serves the synthetic name from a model built in memory (the tiny model's tokenizer)."""
-
-        def resolve(self, name):
-            return tokenizer_dir if self.spec(name).model == SYNTHETIC else super().resolve(name)
-
-        def load_copy(self, name):
-            if self.spec(name).model != SYNTHETIC:
-                return super().load_copy(name)
-            model = build_random(spec, weights, device, False, torch.bfloat16)
-            model.eval()
-            model.requires_grad_(False)
-            return model
-
-    registry = InMemoryRegistry(Path(args.models_dir), device, dtype=dtype)
+    registry = in_memory_registry(
+        Path(args.models_dir), device, dtype, tokenizer_dir, SYNTHETIC,
+        lambda: build_random(spec, weights, device, False, torch.bfloat16))
     engine = Engine(registry, Limits(), dtype=dtype, adapter_memory_bytes=64 << 30,
                     cpu_memory_bytes=64 << 30)
     t0 = time.perf_counter()

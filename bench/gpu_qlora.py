@@ -198,6 +198,27 @@ def build_random(spec: dict, weights_dtype, device, quantize: bool, compute_dtyp
     return model
 
 
+def in_memory_registry(models_dir: Path, device, dtype: str, tokenizer_dir: Path, name: str,
+                       build):
+    """A ModelRegistry that serves `name` (and its quantized forms) from `build()`, a model
+    built in memory, with the tokenizer of `tokenizer_dir`; every other name as usual."""
+    from tuneforge.engine.models import ModelRegistry
+
+    class InMemoryRegistry(ModelRegistry):
+        def resolve(self, served):
+            return tokenizer_dir if self.spec(served).model == name else super().resolve(served)
+
+        def load_copy(self, served):
+            if self.spec(served).model != name:
+                return super().load_copy(served)
+            model = build()
+            model.eval()
+            model.requires_grad_(False)
+            return model
+
+    return InMemoryRegistry(models_dir, device, dtype=dtype)
+
+
 class _Partial:
     """A part's results, rewritten to its JSON file as they grow (a timed-out part keeps them)."""
 
@@ -368,7 +389,6 @@ def part_train(args, config: str, out: _Partial) -> None:
 
     from tuneforge.engine.engine import Engine
     from tuneforge.engine.lora import LoRAConfig
-    from tuneforge.engine.models import ModelRegistry
     from tuneforge.engine.optim import AdamParams
     from tuneforge.settings import Limits
 
@@ -380,21 +400,9 @@ def part_train(args, config: str, out: _Partial) -> None:
     name = SYNTHETIC + ("@nf4" if quantize else "")
     tokenizer_dir = _tiny_folder(args)
 
-    class InMemoryRegistry(ModelRegistry):
-        """Serves the synthetic name from a model built in memory (the tiny model's tokenizer)."""
-
-        def resolve(self, name):
-            return tokenizer_dir if self.spec(name).model == SYNTHETIC else super().resolve(name)
-
-        def load_copy(self, name):
-            if self.spec(name).model != SYNTHETIC:
-                return super().load_copy(name)
-            model = build_random(spec, weights_dtype, device, quantize, torch.bfloat16)
-            model.eval()
-            model.requires_grad_(False)
-            return model
-
-    registry = InMemoryRegistry(Path(args.models_dir), device, dtype="bf16")
+    registry = in_memory_registry(
+        Path(args.models_dir), device, "bf16", tokenizer_dir, SYNTHETIC,
+        lambda: build_random(spec, weights_dtype, device, quantize, torch.bfloat16))
     engine = Engine(registry, Limits(), dtype="bf16", adapter_memory_bytes=64 << 30)
     if cuda:
         torch.cuda.reset_peak_memory_stats()

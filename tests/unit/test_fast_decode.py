@@ -125,6 +125,15 @@ def assert_same(got, want, atol: float) -> None:
             np.testing.assert_array_equal(g, w)
 
 
+def assert_schedules_match(base: BaseModel, reqs, ads, atol: float) -> dict:
+    """`run_schedule` on both paths gives the same results; the lean path's."""
+    want = run_schedule(base, False, reqs, ads)
+    got = run_schedule(base, True, reqs, ads)
+    for i in range(len(reqs)):
+        assert_same(got[i], want[i], atol)
+    return got
+
+
 def run_schedule(base: BaseModel, lean: bool, reqs, ads, dtype: str = "fp32"):
     """Requests joining at every other step, rows leaving as they finish."""
     dec = decoder.Decoder(base, dtype, max_rows=64, lean=lean)
@@ -181,12 +190,8 @@ def test_prompt_logits_only_where_asked(base, atol, monkeypatch):
 
 
 def test_batches_with_adapters_joining_and_leaving_match_the_reference(base, atol):
-    ads = adapters(base)
-    reqs = mixed_requests(base)
-    want = run_schedule(base, False, reqs, ads)
-    got = run_schedule(base, True, reqs, ads)
-    for i in range(len(reqs)):
-        assert_same(got[i], want[i], atol)
+    ads, reqs = adapters(base), mixed_requests(base)
+    got = assert_schedules_match(base, reqs, ads, atol)
     # and each equals its request decoded alone (rounding of the batch aside)
     for i, r in enumerate(reqs):
         alone = decoder.sample_alone(base, ads[i % len(ads)], r)
@@ -241,12 +246,8 @@ def test_seeded_samples_and_streams_match_the_reference(base, atol):
 def test_cache_growth_with_cropped_columns(base, atol, monkeypatch):
     """Tiny buffers: every join, crop and doubling of the cache happens many times."""
     monkeypatch.setattr(fast_decode, "MIN_CAPACITY", 2)
-    ads = adapters(base)
-    reqs = mixed_requests(base)
-    want = run_schedule(base, False, reqs, ads)
-    got = run_schedule(base, True, reqs, ads)
-    for i in range(len(reqs)):
-        assert_same(got[i], want[i], atol)
+    ads, reqs = adapters(base), mixed_requests(base)
+    assert_schedules_match(base, reqs, ads, atol)
     long = SampleRequest(prompt=list(range(5, 75)), num_samples=2,
                          params=SamplingParams(max_tokens=70, temperature=0.0,
                                                stop_token_ids=frozenset()))
