@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -31,7 +33,11 @@ ADAM = types.AdamParams(learning_rate=5e-3)
 
 @pytest.fixture(scope="module")
 def ray_server(tmp_path_factory, models_dir):
-    proc = ServerProcess(tmp_path_factory.mktemp("ray-server"), models_dir, preload=(BASE,),
+    # A data directory too deep for Ray's Unix sockets (107 bytes) wherever pytest puts it: the
+    # server must move Ray's session files to a short folder, and remove it when it stops.
+    deep = tmp_path_factory.mktemp("ray-server") / ("a-data-directory-" * 4)
+    before = set(Path(tempfile.gettempdir()).glob("tuneforge-ray-*"))
+    proc = ServerProcess(deep, models_dir, preload=(BASE,),
                          env={"TUNEFORGE_RAY": "auto", "TUNEFORGE_WORKERS": "2",
                               "TUNEFORGE_DATA_PARALLEL": f'{{"{DP_BASE}": 2}}',
                               "TUNEFORGE_BATCH_WAIT_MS": "0"}).start(timeout=600)
@@ -41,6 +47,7 @@ def ray_server(tmp_path_factory, models_dir):
     while _ray_processes(proc) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _ray_processes(proc), "Ray processes outlived the server"
+    assert set(Path(tempfile.gettempdir()).glob("tuneforge-ray-*")) <= before
 
 
 @pytest.fixture(scope="module")

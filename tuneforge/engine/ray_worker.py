@@ -24,6 +24,7 @@ import os
 import pickle
 import secrets
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Hashable
@@ -335,10 +336,27 @@ def connect(settings: Settings) -> None:
         ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                  _node_ip_address="127.0.0.1", object_store_memory=256 << 20,
                  log_to_driver=False, configure_logging=False,
-                 _temp_dir=str(Path(settings.data_dir) / "ray"))
+                 _temp_dir=_session_root(Path(settings.data_dir) / "ray"))
     else:
         ray.init(address=settings.ray, log_to_driver=False, configure_logging=False)
     logger.info("connected to Ray (%s): %s", settings.ray, ray.cluster_resources())
+
+
+# Ray's sockets live at <root>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store, and a
+# Unix socket's path is at most 107 bytes: the part after the root takes up to 67.
+_MAX_SESSION_ROOT = 107 - 67
+_short_root: str | None = None
+
+
+def _session_root(preferred: Path) -> str:
+    """`preferred` when Ray's socket paths under it fit, else a short folder in the temp dir."""
+    global _short_root
+    if len(str(preferred.resolve())) <= _MAX_SESSION_ROOT:
+        return str(preferred)
+    _short_root = tempfile.mkdtemp(prefix="tuneforge-ray-")
+    logger.info("Ray's session files go to %s: under %s its socket paths would pass the "
+                "107-byte limit of a Unix socket", _short_root, preferred)
+    return _short_root
 
 
 def start_workers(settings: Settings) -> list[RayWorker]:
@@ -371,3 +389,7 @@ def shutdown(workers: list[RayWorker]) -> None:
             pass
     if ray.is_initialized():
         ray.shutdown()
+    global _short_root
+    if _short_root is not None:
+        shutil.rmtree(_short_root, ignore_errors=True)
+        _short_root = None
