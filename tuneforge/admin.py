@@ -119,8 +119,9 @@ def import_adapter(data: AdminData, source: Path, base_model: str, name: str,
         train_unembed="unembed" in groups, seed=None,
         user_metadata={"imported_from": str(source)}))
     alpha = float(config.get("lora_alpha", rank))
-    adapter_config = checkpoints.peft_adapter_config(registry.peft_name(base.name), rank, alpha,
-                                                     list(ckpt.A))
+    adapter_config = checkpoints.peft_adapter_config(
+        registry.peft_name(base.name), rank, alpha, list(ckpt.A),
+        dropout=float(config.get("lora_dropout") or 0.0))
     meta = {"training_run_id": run_id, "kind": "weights", "name": name, "step": 0,
             "base_model": base.name, "created": utcnow().isoformat(),
             "lora": {"rank": rank, "alpha": alpha}, "user_metadata": {}}

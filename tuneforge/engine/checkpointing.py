@@ -5,7 +5,9 @@ Each decoder layer's `forward` is wrapped once, when the base model loads; a pas
 through the model's router (`Router.checkpoint`), so runs that ask for it and runs that do not
 share one base model (and one pass: any run in it asking turns it on for the pass, which changes
 no result). The recomputation runs inside the backward pass, so the pass keeps its LoRA routing
-active until its gradients are taken (engine/passes.py).
+active until its gradients are taken (engine/passes.py). LoRA dropout draws its masks from keys
+the routing carries, not from the global RNG, so the recomputation draws the same masks
+(engine/lora.py).
 """
 
 from __future__ import annotations

@@ -95,10 +95,10 @@ class DataParallelGroup:
                          gradient_checkpointing)[0]
 
     def load_model(self, model_id: str, folder: Path, with_optimizer: bool,
-                   base_model: str | None = None,
-                   gradient_checkpointing: bool = False) -> ModelInfo:
+                   base_model: str | None = None, gradient_checkpointing: bool = False,
+                   alpha: float | None = None, dropout: float | None = None) -> ModelInfo:
         return self._all("load_model", model_id, folder, with_optimizer, base_model,
-                         gradient_checkpointing)[0]
+                         gradient_checkpointing, alpha, dropout)[0]
 
     def load_into(self, model_id: str, folder: Path, with_optimizer: bool) -> None:
         self._all("load_into", model_id, folder, with_optimizer)

@@ -9,6 +9,7 @@ accumulated gradient once the whole request succeeded.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import glob
 import logging
@@ -51,6 +52,17 @@ class TrainingModel:
     where: str = "device"  # "device" | "cpu" | "disk"
     nbytes: int = 0  # in memory, last measured (weights, gradients, optimizer state)
     held: list[torch.Tensor | None] | None = None  # a gradient waiting for `settle`
+    passes_in_step: int = 0  # training requests since the last optimizer step (dropout keys)
+
+    def dropout_key(self) -> int | None:
+        """The key of the next training request's dropout masks: from the run's seed, its step
+        and the request's number within the step, so a run resumed from a checkpoint draws the
+        masks it would have drawn going on."""
+        if self.config.dropout == 0:
+            return None
+        seed = self.config.seed if self.config.seed is not None else self.model_id
+        self.passes_in_step += 1
+        return lora.mix("dropout", seed, self.steps, self.passes_in_step)
 
     def info(self) -> ModelInfo:
         return ModelInfo(self.model_id, self.base.name, self.base.arch,
@@ -309,8 +321,9 @@ class Engine:
         spec = losses.get_loss(inp.loss_fn)
         config = losses.resolve_config(spec, inp.loss_fn, inp.loss_fn_config)
         rows = self._to_tensors(tm.base, inp.data, spec, inp.loss_fn)
+        key = None if inp.forward_only else tm.dropout_key()
         return tm.base, passes.Job(tm.adapter, rows, spec, config, inp.forward_only,
-                                   checkpoint=tm.gradient_checkpointing)
+                                   checkpoint=tm.gradient_checkpointing, dropout_key=key)
 
     def optim_step(self, model_id: str, hp: AdamParams,
                    reduce: Callable[[list[torch.Tensor]], None] | None = None
@@ -322,6 +335,7 @@ class Engine:
             reduce(tm.adapter.parameters())
         metrics = tm.optimizer.step(hp)
         tm.steps += 1
+        tm.passes_in_step = 0
         self._account([tm])
         return metrics
 
@@ -344,30 +358,39 @@ class Engine:
             "training_run_id": model_id, "kind": kind, "name": name, "step": tm.steps,
             "base_model": tm.base.name, "quantization": tm.base.quantization,
             "created": dt.datetime.now(dt.UTC).isoformat(),
-            "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "train_attn": cfg.train_attn,
-                     "train_mlp": cfg.train_mlp, "train_unembed": cfg.train_unembed,
-                     "seed": cfg.seed},
+            "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
+                     "train_attn": cfg.train_attn, "train_mlp": cfg.train_mlp,
+                     "train_unembed": cfg.train_unembed, "seed": cfg.seed},
             "user_metadata": dict(user_metadata or {}),
         }
         adapter_config = checkpoints.peft_adapter_config(
-            self.registry.peft_name(tm.base.name), cfg.rank, cfg.alpha, list(tm.adapter.A))
+            self.registry.peft_name(tm.base.name), cfg.rank, cfg.alpha, list(tm.adapter.A),
+            dropout=cfg.dropout)
         optimizer_state = tm.optimizer.state_dict() if kind == "weights" else None
         return checkpoints.save(folder, tm.adapter.A, tm.adapter.B, adapter_config, meta,
                                 optimizer_state)
 
     def load_model(self, model_id: str, folder: Path, with_optimizer: bool,
-                   base_model: str | None = None,
-                   gradient_checkpointing: bool = False) -> ModelInfo:
+                   base_model: str | None = None, gradient_checkpointing: bool = False,
+                   alpha: float | None = None, dropout: float | None = None) -> ModelInfo:
+        """A training model from a checkpoint, with the checkpoint's LoRA alpha and dropout.
+        `alpha`, when given, must be the checkpoint's (its weights were trained for that
+        scaling); `dropout`, when given, replaces the checkpoint's for the training ahead."""
         ckpt = checkpoints.load(folder, with_optimizer=with_optimizer)
         name = ckpt.metadata.get("base_model") or ckpt.adapter_config["base_model_name_or_path"]
         if base_model and base_model != name:
             raise UserError(f"base_model {base_model!r} does not match the checkpoint's {name!r}")
         base = self.registry.get(name)
         adapter = self._adapter_from(base, ckpt, trainable=True)
+        if alpha is not None and alpha != adapter.config.alpha:
+            raise UserError(f"lora_alpha {alpha} does not match the checkpoint's lora_alpha "
+                            f"{adapter.config.alpha}: its weights were trained for that scaling")
+        if dropout is not None:
+            adapter.config = dataclasses.replace(adapter.config, dropout=dropout)
+        if with_optimizer and ckpt.optimizer_state is None:
+            raise UserError(f"checkpoint {folder.name} has no optimizer state")
         tm = self._add_model(model_id, base, adapter, gradient_checkpointing)
         if with_optimizer:
-            if ckpt.optimizer_state is None:
-                raise UserError(f"checkpoint {folder.name} has no optimizer state")
             tm.optimizer.load_state_dict(ckpt.optimizer_state)
             tm.steps = int(ckpt.metadata.get("step", 0))
         return tm.info()
@@ -395,6 +418,7 @@ class Engine:
         if with_optimizer:
             tm.optimizer.load_state_dict(ckpt.optimizer_state)
             tm.steps = int(ckpt.metadata.get("step", 0))
+            tm.passes_in_step = 0
 
     def _adapter_from(self, base: BaseModel, ckpt: checkpoints.LoadedCheckpoint,
                       trainable: bool) -> lora.Adapter:
@@ -407,7 +431,8 @@ class Engine:
         config = lora.LoRAConfig(
             rank=int(ckpt.adapter_config["r"]), alpha=float(ckpt.adapter_config["lora_alpha"]),
             train_attn="attn" in groups, train_mlp="mlp" in groups,
-            train_unembed="unembed" in groups, seed=meta.get("seed"))
+            train_unembed="unembed" in groups, seed=meta.get("seed"),
+            dropout=float(ckpt.adapter_config.get("lora_dropout") or 0.0))
         adapter = lora.Adapter(config=config)
         for path in ckpt.A:
             for store, value in ((adapter.A, ckpt.A[path]), (adapter.B, ckpt.B[path])):
@@ -452,7 +477,8 @@ class Engine:
             checkpoints.save(
                 self.spill_dir / sampler_id, old.adapter.A, old.adapter.B,
                 checkpoints.peft_adapter_config(self.registry.peft_name(old.base.name),
-                                                cfg.rank, cfg.alpha, list(old.adapter.A)),
+                                                cfg.rank, cfg.alpha, list(old.adapter.A),
+                                                dropout=cfg.dropout),
                 {"base_model": old.base.name, "sampler_id": sampler_id,
                  "lora": {"seed": cfg.seed}})
         logger.info("sampler %s evicted from memory", sampler_id)

@@ -1,9 +1,17 @@
 """LoRA adapters as plain tensors, applied by our own linear wrapper.
 
-Math (identical to PEFT's `LoraLayer` with dropout 0): for a frozen linear `W` and an adapter of
-rank r with `A: [r, in]`, `B: [out, r]`, scaling `s = alpha / r`:
+Math (identical to PEFT's `LoraLayer`): for a frozen linear `W` and an adapter of rank r with
+`A: [r, in]`, `B: [out, r]`, scaling `s = alpha / r` and dropout probability p:
 
-    y = W x + s * B (A x)
+    y = W x + s * B (A dropout(x))
+
+Dropout is inverted dropout (`x * mask / (1 - p)`, mask ~ Bernoulli(1 - p)), as `nn.Dropout`.
+It applies only where a segment carries a dropout key: training passes set one, while
+`forward`, sampling and prompt logprobs never do (PEFT's eval mode). With p = 0 no extra
+operation runs. A mask is drawn from its own generator seeded by (segment key, module path), not
+from the global RNG: a run's masks follow from its seed, its step and the shape of its rows, not
+from what other adapters in the pass draw, and the recomputation of a checkpointed layer
+(engine/checkpointing.py) draws the very same mask again.
 
 Initialisation is PEFT's default: `A ~ kaiming_uniform(a=sqrt(5))` (uniform in ±1/sqrt(in)),
 `B = 0`, so a fresh adapter leaves the base model unchanged.
@@ -18,6 +26,7 @@ keyed by module path, with the same names PEFT uses, so checkpoints load in PEFT
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,10 +52,15 @@ class LoRAConfig:
     train_mlp: bool = True
     train_unembed: bool = True
     seed: int | None = None
+    dropout: float = 0.0  # on the adapter's input, in training passes only
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise UserError(f"lora_config.rank must be >= 1, got {self.rank}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise UserError(f"lora_alpha must be a finite number > 0, got {self.alpha}")
+        if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
+            raise UserError(f"lora_dropout must be in the range [0, 1), got {self.dropout}")
         if not (self.train_attn or self.train_mlp or self.train_unembed):
             raise UserError("lora_config: at least one of train_attn, train_mlp, train_unembed")
 
@@ -95,11 +109,32 @@ class Adapter:
 
 @dataclass(frozen=True)
 class Segment:
-    """Rows `start:stop` of the batch use `adapter` (None = base model only)."""
+    """Rows `start:stop` of the batch use `adapter` (None = base model only). `dropout_key`
+    seeds the adapter's dropout masks for these rows; None: no dropout (evaluation)."""
 
     adapter: Adapter | None
     start: int
     stop: int
+    dropout_key: int | None = None
+
+    def drops(self) -> bool:
+        return (self.dropout_key is not None and self.adapter is not None
+                and self.adapter.config.dropout > 0)
+
+
+def mix(*parts: object) -> int:
+    """A 63-bit key from ints and strings, the same in every process (unlike `hash`)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def dropout_noise(shape: torch.Size, p: float, key: int, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The inverted-dropout factor `mask / (1 - p)` of one draw, as `nn.Dropout` makes it."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(key)
+    noise = torch.empty(shape, dtype=dtype, device=device)
+    return noise.bernoulli_(1 - p, generator=gen).div_(1 - p)
 
 
 class Router:
@@ -120,6 +155,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.path = path
         self.router = router
+        self._path_key = mix(path)
         self._stacked: tuple | None = None  # (key, adapters, A [S, r, in], sB [S, out, r])
 
     @property
@@ -136,7 +172,7 @@ class LoRALinear(nn.Module):
             if seg.adapter is None or self.path not in seg.adapter.A:
                 return y
             if seg.start == 0 and seg.stop == x.shape[0]:
-                return y + self._delta(x, seg.adapter)
+                return y + self._delta(x, seg.adapter, seg.dropout_key)
         stacked = self._stack(segments)
         if stacked is not None:  # all segments alike: two batched matmuls for all of them
             a, b = stacked
@@ -149,7 +185,7 @@ class LoRALinear(nn.Module):
         deltas = []
         for seg, piece in zip(segments, pieces, strict=True):
             if seg.adapter is not None and self.path in seg.adapter.A:
-                deltas.append(self._delta(piece, seg.adapter))
+                deltas.append(self._delta(piece, seg.adapter, seg.dropout_key))
             else:
                 deltas.append(y.new_zeros(piece.shape[:-1] + y.shape[-1:]))
         return y + torch.cat(deltas, dim=0)
@@ -162,7 +198,8 @@ class LoRALinear(nn.Module):
         adapters = [seg.adapter if seg.adapter is not None and self.path in seg.adapter.A
                     else None for seg in segments]
         if len(sizes) != 1 or torch.is_grad_enabled() or any(
-                a is not None and a.A[self.path].requires_grad for a in adapters):
+                a is not None and a.A[self.path].requires_grad for a in adapters) or any(
+                seg.drops() for seg in segments):
             return None
         key = tuple(id(a) for a in adapters)
         if self._stacked is None or self._stacked[0] != key:
@@ -182,10 +219,16 @@ class LoRALinear(nn.Module):
             self._stacked = (key, adapters, stack_a, stack_b)
         return self._stacked[2], self._stacked[3]
 
-    def _delta(self, x: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+    def _delta(self, x: torch.Tensor, adapter: Adapter,
+               dropout_key: int | None = None) -> torch.Tensor:
+        """The adapter's delta on `x`; dropout on its input only with a `dropout_key`."""
         a, b = adapter.A[self.path], adapter.B[self.path]
+        h = x.to(a.dtype)
+        if dropout_key is not None and adapter.config.dropout > 0:
+            h = h * dropout_noise(h.shape, adapter.config.dropout,
+                                  mix(dropout_key, self._path_key), h.device, h.dtype)
         # the scaling on the rank-sized product, not on the (maybe vocabulary-sized) output
-        return (((x.to(a.dtype) @ a.t()) * adapter.scaling) @ b.t()).to(x.dtype)
+        return (((h @ a.t()) * adapter.scaling) @ b.t()).to(x.dtype)
 
 
 def inject(model: nn.Module) -> tuple[Router, dict[str, list[str]]]:

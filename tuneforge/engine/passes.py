@@ -10,6 +10,11 @@ is done, so a request that fails leaves nothing behind.
 
 Passes are bounded by a padded-token budget; a request bigger than the budget is split over
 several passes (its gradients add up).
+
+LoRA dropout: a training job of an adapter with dropout carries a `dropout_key`; each of its
+pieces routes its rows with a key of its own, mixed from the job's key and the piece's number
+(and, for lm_head on the packed path, the chunk's first token), so no two draws of a run repeat
+a mask. Forward-only jobs carry none: `forward` scores without dropout.
 """
 
 from __future__ import annotations
@@ -42,17 +47,26 @@ class Job:
     config: Mapping[str, float]
     forward_only: bool
     checkpoint: bool = False  # gradient checkpointing asked for by this request's run
+    dropout_key: int | None = None  # seeds the adapter's dropout masks (None: no dropout)
     outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     loss: float = 0.0
     grads: list[torch.Tensor | None] = field(default_factory=list)
+    pieces_run: int = 0
 
     def __post_init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         """Forget partial results (before running the job again)."""
-        self.outputs, self.loss = [], 0.0
+        self.outputs, self.loss, self.pieces_run = [], 0.0, 0
         self.grads = [None] * len(self.adapter.parameters())
+
+    def next_piece_key(self) -> int | None:
+        """The dropout key of this job's next piece (None: the job runs without dropout)."""
+        self.pieces_run += 1
+        if self.forward_only or self.dropout_key is None or self.adapter.config.dropout == 0:
+            return None
+        return lora.mix(self.dropout_key, self.pieces_run)
 
 
 def run(base: BaseModel, jobs: list[Job], dtype: str,
@@ -110,7 +124,8 @@ def _run_pass(base: BaseModel, pieces: list[tuple[Job, list[Row]]], dtype: str) 
     rows = [row for _, piece in pieces for row in piece]
     segments, start = [], 0
     for job, piece in pieces:
-        segments.append(lora.Segment(job.adapter, start, start + len(piece)))
+        segments.append(lora.Segment(job.adapter, start, start + len(piece),
+                                     job.next_piece_key()))
         start += len(piece)
     backward = [job for job, _ in pieces if not job.forward_only]
     checkpoint = bool(backward) and (base.gradient_checkpointing
@@ -205,7 +220,9 @@ def packed_losses(base: BaseModel, rows: list[Row], pieces: list[tuple[Job, list
         stop = offsets[seg.stop]
         for start in range(offsets[seg.start], stop, CHUNK_TOKENS):
             end = min(start + CHUNK_TOKENS, stop)
-            with lora.activate(router, [lora.Segment(seg.adapter, 0, end - start)],
+            key = (None if seg.dropout_key is None
+                   else lora.mix(seg.dropout_key, start - offsets[seg.start]))
+            with lora.activate(router, [lora.Segment(seg.adapter, 0, end - start, key)],
                                router.checkpoint), autocast:
                 logits = head(packed[start:end])
             logits = logits.float()  # (a chunk at a time; a no-op in fp32)

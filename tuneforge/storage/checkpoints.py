@@ -3,7 +3,8 @@
 A checkpoint folder holds:
 - `adapter_model.safetensors`: `base_model.model.{module}.lora_A.weight` / `.lora_B.weight`,
   the key names `PeftModel.from_pretrained` expects;
-- `adapter_config.json`: PEFT's `LoraConfig` fields (base model, rank, alpha, target modules);
+- `adapter_config.json`: PEFT's `LoraConfig` fields (base model, rank, alpha, dropout, target
+  modules);
 - `optimizer.pt` (training checkpoints only): the AdamW state, loadable with `weights_only=True`;
 - `tuneforge.json`: run, step, creation time and user metadata.
 
@@ -39,14 +40,17 @@ class LoadedCheckpoint:
     optimizer_state: dict | None
 
 
-def peft_adapter_config(base_model: str, rank: int, alpha: float, modules: list[str]) -> dict:
+def peft_adapter_config(base_model: str, rank: int, alpha: float, modules: list[str],
+                        dropout: float = 0.0) -> dict:
+    """PEFT's `LoraConfig` of an adapter: its own alpha and dropout, so PEFT applies the same
+    scaling (and, when training on, the same dropout) as the run that wrote it."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": rank,
         "lora_alpha": alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": dropout,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

@@ -8,6 +8,8 @@ fails only its own future and the training client stays usable.
 
 from __future__ import annotations
 
+import math
+
 import anyio.to_thread
 from fastapi import APIRouter, Request
 from tinker import types
@@ -58,6 +60,32 @@ def gradient_checkpointing(user_metadata: dict) -> bool:
     return text == "true"
 
 
+# user_metadata keys of a run's LoRA options: (what the value must be, the test it must pass)
+_LORA_OPTIONS = {
+    "lora_alpha": ("a number > 0", lambda v: v > 0),
+    "lora_dropout": ("a number in the range [0, 1)", lambda v: 0 <= v < 1),
+}
+
+
+def lora_options(user_metadata: dict) -> dict[str, float]:
+    """A run's LoRA alpha and dropout, asked for with user_metadata lora_alpha / lora_dropout
+    (the SDK has no field for them), as PEFT's `LoraConfig.lora_alpha` / `lora_dropout`: only
+    the keys given, each checked."""
+    out = {}
+    for key, (what, ok) in _LORA_OPTIONS.items():
+        if key not in user_metadata:
+            continue
+        value = user_metadata[key]
+        try:
+            number = math.nan if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not (math.isfinite(number) and ok(number)):
+            raise UserError(f"user_metadata.{key} must be {what}, got {value!r}")
+        out[key] = number
+    return out
+
+
 def check_optimizer_config(config: types.OptimizerConfig | None) -> None:
     if config is not None and config.type != "adamw":
         raise Unsupported(f"optimizer_config.type {config.type!r} is not supported (only 'adamw')")
@@ -67,7 +95,9 @@ def check_optimizer_config(config: types.OptimizerConfig | None) -> None:
 def create_model(state: State, owner: Owner, body: JsonBody) -> dict:
     req = wire.parse(types.CreateModelRequest, body, "create_model")
     state.session(req.session_id, owner)
-    checkpoint = gradient_checkpointing(wire.check_metadata(req.user_metadata, "user_metadata"))
+    metadata = wire.check_metadata(req.user_metadata, "user_metadata")
+    checkpoint = gradient_checkpointing(metadata)
+    options = lora_options(metadata)
     model_id = model_id_for(req.session_id, req.model_seq_id)
 
     def submit():
@@ -79,7 +109,9 @@ def create_model(state: State, owner: Owner, body: JsonBody) -> dict:
             state.check_model_quota(owner)
             lc = req.lora_config or types.LoraConfig(rank=32)
             seed = lc.seed if lc.seed is not None else state.seeds.lora()
-            config = LoRAConfig(rank=lc.rank, alpha=state.settings.lora_alpha,
+            config = LoRAConfig(rank=lc.rank,
+                                alpha=options.get("lora_alpha", state.settings.lora_alpha),
+                                dropout=options.get("lora_dropout", 0.0),
                                 train_attn=lc.train_attn, train_mlp=lc.train_mlp,
                                 train_unembed=lc.train_unembed, seed=seed)
             info = engine.create_model(model_id, req.base_model, config, checkpoint)

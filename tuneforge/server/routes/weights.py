@@ -15,6 +15,7 @@ from tuneforge.server.deps import JsonBody, Owner, State, future_answer
 from tuneforge.server.routes.training import (
     check_optimizer_config,
     gradient_checkpointing,
+    lora_options,
     model_id_for,
     register_run,
 )
@@ -157,7 +158,11 @@ def _create_via_load(state: ServerState, owner: str, req: types.LoadWeightsReque
         raise UserError("load_weights: model_seq_id is required with session_id")
     state.session(req.session_id, owner)
     check_optimizer_config(req.optimizer_config)
-    checkpoint = gradient_checkpointing(wire.check_metadata(req.user_metadata, "user_metadata"))
+    metadata = wire.check_metadata(req.user_metadata, "user_metadata")
+    checkpoint = gradient_checkpointing(metadata)
+    # the checkpoint's alpha and dropout unless asked otherwise (only dropout may change)
+    options = {{"lora_alpha": "alpha", "lora_dropout": "dropout"}[k]: v
+               for k, v in lora_options(metadata).items()}
     model_id = model_id_for(req.session_id, req.model_seq_id)
 
     def submit():
@@ -172,7 +177,7 @@ def _create_via_load(state: ServerState, owner: str, req: types.LoadWeightsReque
                 raise NotFound(f"checkpoint {req.path} has no files on this server")
             state.check_model_quota(owner)
             info = engine.load_model(model_id, folder, req.optimizer, req.base_model,
-                                     checkpoint)
+                                     checkpoint, **options)
             register_run(state, engine, info, req.session_id, owner, req.user_metadata)
             return {"model_id": model_id, "path": req.path, "type": "load_weights"}
 
