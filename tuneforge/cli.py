@@ -166,6 +166,8 @@ def _embedded_server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     from tuneforge.server.embedded import embedded_server
 
     overrides = {"data_dir": args.data_dir, "num_threads": args.threads, "preload_models": []}
+    if args.alias:  # added to those of TUNEFORGE_MODEL_ALIASES
+        overrides["model_aliases"] = {**Settings().model_aliases, **dict(args.alias)}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     with embedded_server(settings) as (base_url, key):
         yield base_url, key

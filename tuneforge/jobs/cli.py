@@ -1,7 +1,10 @@
 """`tuneforge train` and `tuneforge jobs ...`: the command-line face of the job layer.
 
 The job layer is a client of the server: `tuneforge train` without --url runs against a server
-that the caller (tuneforge/cli.py) starts in this process and hands in as `embedded`.
+that the caller (tuneforge/cli.py) starts in this process and hands in as `embedded`. A config in
+the math-tutoring package's layout (jobs/layouts.py) says where it runs with `backend`: local is
+the embedded server, tinker the server at TINKER_BASE_URL (--url wins over both). With
+--experiments the results also land in that package's experiment folders (jobs/experiments.py).
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ def add_parsers(sub) -> None:
     train.add_argument("--data-dir", help="data directory of the embedded server (default "
                        "./data) [TUNEFORGE_DATA_DIR]")
     train.add_argument("--threads", type=int, help="torch threads of the embedded server")
+    train.add_argument("--alias", action="append", metavar="NAME=MODEL", type=_alias,
+                       help="the embedded server serves MODEL under NAME too (e.g. "
+                       "qwen3:8b=tuneforge/tiny-qwen3); repeat for several "
+                       "[TUNEFORGE_MODEL_ALIASES]")
+    train.add_argument("--experiments", type=Path, metavar="DIR", help="also write the results "
+                       "in the tutoring package's layout: DIR/sft/sft_NNN_DESCRIPTION/ (or "
+                       "distillation/dist_NNN_..., rlvr/rlvr_NNN_...) with benchmark_results.json "
+                       "and comparison.json against DIR/baseline/MODEL/ (made when missing)")
+    train.add_argument("--description", help="the DESCRIPTION of the experiment folder "
+                       "(default: the config's name)")
     train.add_argument("--check", action="store_true", help="only validate the config")
 
     jobs = sub.add_parser("jobs", help="start and watch jobs on a server (REST job API)")
@@ -61,6 +74,13 @@ def add_parsers(sub) -> None:
                     "(default: the held-out split)")
 
 
+def _alias(text: str) -> tuple[str, str]:
+    name, sep, model = text.partition("=")
+    if not sep or not name or not model:
+        raise argparse.ArgumentTypeError(f"--alias {text!r}: expected NAME=MODEL")
+    return name, model
+
+
 # (the parsed arguments) -> a context manager giving (base URL, API key) of a server that runs
 # while it is open
 Embedded = Callable[[argparse.Namespace], contextlib.AbstractContextManager[tuple[str, str]]]
@@ -75,30 +95,104 @@ def main(args: argparse.Namespace, embedded: Embedded) -> int:
     except httpx.HTTPError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        import tinker
+
+        if not isinstance(e, tinker.TinkerError):
+            raise
+        # the server refused a request of the job: its reason, without the SDK's traceback
+        print(f"error: {_server_reason(e)}", file=sys.stderr)
+        return 1
+
+
+def _server_reason(e: Exception) -> str:
+    """The server's own words in an SDK error (an HTTP error's detail, a failed request's
+    message without the SDK's request id and type)."""
+    import re
+
+    body = getattr(e, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("detail"), str):
+        return body["detail"]
+    text = str(getattr(e, "message", None) or e)
+    found = re.match(r"Request failed: (.*?) for self\.request_id=", text, re.S)
+    return found.group(1) if found else text
 
 
 def train(args: argparse.Namespace, embedded: Embedded) -> int:
     import datetime as dt
 
+    from tuneforge.jobs import layouts
     from tuneforge.jobs.runner import preflight
-    from tuneforge.jobs.spec import load_spec
+    from tuneforge.jobs.spec import load_spec, read_config
 
+    raw = read_config(args.config)
+    layout = layouts.translate(raw) if layouts.is_layout(raw) else None
     spec = load_spec(args.config)
-    preflight(spec)
+    try:
+        preflight(spec)
+    except UserError as e:
+        raise layouts.package_error(e, layout) if layout else e from None
+    method = layout.method if layout else EXPERIMENT_METHODS.get(spec.type)
+    if args.experiments and method is None:
+        raise UserError(f"--experiments: the tutoring package's experiments are sft, "
+                        f"distillation and rlvr; a {spec.type} job has no folder there")
+    if args.experiments and args.out:
+        raise UserError("give --out or --experiments, not both (an experiment folder is "
+                        "DIR/KIND/KIND_NNN_DESCRIPTION)")
+    url, key = server_of(args, layout)
     if args.check:
-        print(f"{args.config}: valid {spec.type} job")
+        print(f"{args.config}: valid {spec.type} job" + (f" ({method} in the tutoring package's "
+                                                         "layout)" if layout else ""))
         return 0
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or Path("experiments") / f"{spec.name}-{stamp}"
-    url = args.url
+    after = None
+    if args.experiments:
+        from tuneforge.jobs import experiments
+
+        out = experiments.claim_folder(args.experiments, method,
+                                       args.description or spec.name or method)
+
+        def after(ctx, result: dict) -> None:
+            comparison = experiments.write_experiment(
+                ctx.service, args.experiments, out, method, ctx.spec, args.config, result,
+                url or "local", echo=ctx.run.log)
+            print(experiments.comparison_text(comparison))
+    elif args.out:
+        out = args.out
+    elif layout and layout.output_dir:
+        out = (args.config.parent / layout.output_dir).resolve()
+    else:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path("experiments") / f"{spec.name}-{stamp}"
     if url:
-        key = args.api_key or os.environ.get("TINKER_API_KEY")
-        return _train(spec, out, url, key)
+        return _train(spec, out, url, key, after)
     with embedded(args) as (base_url, key):
-        return _train(spec, out, base_url, key)
+        return _train(spec, out, base_url, key, after)
 
 
-def _train(spec, out: Path, url: str, key: str | None) -> int:
+# a tuneforge job type → its experiment kind in the tutoring package's layout
+EXPERIMENT_METHODS = {"sft": "sft", "distill": "distillation", "rl": "rlvr"}
+
+
+def server_of(args: argparse.Namespace, layout) -> tuple[str | None, str | None]:
+    """(URL, API key) of the server the job runs against; (None, None): the embedded one.
+    --url wins; else a tutoring config's `backend: tinker` means TINKER_BASE_URL."""
+    url = args.url
+    if not url and layout is not None and layout.backend == "tinker":
+        url = os.environ.get("TINKER_BASE_URL")
+        if not url:
+            raise UserError("backend: tinker runs the job on a Tinker-protocol server (tuneforge "
+                            "serve, or the hosted service): set TINKER_BASE_URL (and "
+                            "TINKER_API_KEY), or give --url; backend: local runs it here")
+    if url and args.alias:
+        raise UserError("--alias names models of the embedded server; this job runs on "
+                        f"{url}, which has its own (tuneforge serve --alias, or "
+                        "TUNEFORGE_MODEL_ALIASES there)")
+    if not url:
+        return None, None
+    return url, args.api_key or os.environ.get("TINKER_API_KEY")
+
+
+def _train(spec, out: Path, url: str, key: str | None, after=None) -> int:
     from tqdm import tqdm
 
     from tuneforge.jobs.context import JobContext
@@ -119,13 +213,16 @@ def _train(spec, out: Path, url: str, key: str | None) -> int:
                              on_progress=progress)
     try:
         result = run_job(ctx)
+        bar.close()
+        print(summary_text(result, out))
+        if after is not None:
+            after(ctx, result)
     except BaseException:
         ctx.close("errored")
         raise
     finally:
         bar.close()
     ctx.close("success")
-    print(summary_text(result, out))
     return 0
 
 

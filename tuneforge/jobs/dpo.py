@@ -105,7 +105,7 @@ class Preference:
             data = [d for i in batch for d in self.pairs[i]]
             loss_fn = self._loss([self.ref[i] for i in batch], len(batch) / len(indices))
             calls.append((len(batch), tc.forward_backward_custom(data, loss_fn)))
-        tc.optim_step(adam(lr)).result()
+        tc.optim_step(adam(self.ctx.spec, lr)).result()
         done = [(n, fut.result().metrics) for n, fut in calls]
         # each call's metrics are means over its pairs: weigh them by their pairs
         return {name: sum(n * m[key] for n, m in done) / len(indices)

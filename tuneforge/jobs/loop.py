@@ -37,13 +37,20 @@ from tuneforge.jobs.model import default_learning_rate, served_base
 
 
 def lr_at(spec, base_lr: float, step: int, total: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total`: as transformers'
+    `get_linear_schedule_with_warmup` / `get_constant_schedule_with_warmup`, the warmup being
+    the first ceil(warmup_ratio x total) steps."""
+    warmup = math.ceil(spec.warmup_ratio * total)
+    if step < warmup:
+        return base_lr * step / warmup
     if spec.lr_schedule == "linear" and total > 0:
-        return base_lr * max(0.0, 1.0 - step / total)
+        return base_lr * max(0.0, (total - step) / max(1, total - warmup))
     return base_lr
 
 
-def adam(lr: float) -> types.AdamParams:
-    return types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8)
+def adam(spec, lr: float) -> types.AdamParams:
+    return types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8,
+                            weight_decay=spec.weight_decay, grad_clip_norm=spec.max_grad_norm)
 
 
 def effective_batch(spec) -> int:
@@ -109,7 +116,8 @@ def _training_client(ctx: JobContext, tag: str):
     else:
         tc = ctx.service.create_lora_training_client(
             base_model=served_base(spec), rank=spec.lora_rank, seed=spec.seed,
-            user_metadata=meta).result()
+            train_mlp=spec.train_mlp, train_attn=spec.train_attn,
+            train_unembed=spec.train_unembed, user_metadata=meta).result()
     return tc, {"step": 0, "best": None, "best_step": None, "best_epoch": None, "bad_evals": 0,
                 "best_sampler": None, "best_state": None, "history": [], "epoch_losses": [],
                 "last_eval": None, "stopped": False, "base_lr": None}
@@ -129,10 +137,13 @@ def train_loop(ctx: JobContext, n_train: int | Callable[[], int], step_fn, eval_
     spec, run = ctx.spec, ctx.run
     tc, loop = _training_client(ctx, tag)
     if loop["base_lr"] is None:
-        loop["base_lr"] = spec.learning_rate or default_learning_rate(spec.base_model,
-                                                                      tc.get_info())
-        run.log(f"{tag}learning rate {loop['base_lr']:.3g}"
-                + ("" if spec.learning_rate else " (get_lr formula)"))
+        if spec.learning_rate:
+            loop["base_lr"], how = spec.learning_rate, ""
+        else:
+            scale = spec.learning_rate_scale or 1.0
+            loop["base_lr"] = scale * default_learning_rate(spec.base_model, tc.get_info())
+            how = f" ({scale:g} x the get_lr formula)" if scale != 1.0 else " (get_lr formula)"
+        run.log(f"{tag}learning rate {loop['base_lr']:.3g}{how}")
     if not (run.path / "model.json").exists():
         info = tc.get_info()
         run.write("model.json", {"base_model": spec.base_model,

@@ -145,7 +145,7 @@ class Reinforce:
                    "trained_sequences": sum(len(sampled) for sampled, _ in calls)}
         if not calls:
             return {**metrics, "loss": 0.0, "kl_sampler_trainer": 0.0}
-        tc.optim_step(adam(lr)).result()
+        tc.optim_step(adam(spec, lr)).result()
         loss, diffs = 0.0, []
         for sampled, fut in calls:
             out = fut.result()

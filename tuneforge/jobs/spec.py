@@ -83,6 +83,16 @@ class Common(Strict):
                                     group="model", ge=4, le=8)
     lora_rank: int = option(32, "rank of the LoRA adapter: higher learns more, costs more "
                             "memory", group="model", ge=1, le=128)
+    lora_alpha: float | None = option(
+        None, "LoRA alpha: the adapter's output is scaled by alpha / rank (default: the "
+        "server's, 32 as in Tinker)", group="model", gt=0, le=4096)
+    lora_dropout: float = option(
+        0.0, "dropout on the adapter's input during training, as PEFT's lora_dropout (0: none)",
+        group="model", ge=0.0, lt=1.0)
+    train_attn: bool = option(True, "adapt the attention projections (q, k, v, o)",
+                              group="model")
+    train_mlp: bool = option(True, "adapt the MLP projections (gate, up, down)", group="model")
+    train_unembed: bool = option(True, "adapt the output layer (lm_head)", group="model")
     load_checkpoint_path: str | None = option(
         None, "start from these weights (a tinker:// state path; the optimizer starts fresh)",
         group="model", pattern=r"^tinker://")
@@ -92,9 +102,21 @@ class Common(Strict):
     learning_rate: float | None = option(None, "peak learning rate; default: the LoRA "
                                          "learning-rate formula (get_lr) for the base model",
                                          group="training", gt=0, le=1.0)
+    learning_rate_scale: float | None = option(
+        None, "the learning rate as a multiple of the LoRA learning-rate formula's value (get_lr)"
+        ", e.g. 0.1 for ten times lower; not with learning_rate", group="training", gt=0,
+        le=100.0)
     lr_schedule: Literal["constant", "linear"] = option(
         "linear", "linear: decays to 0 over the run; constant: stays at learning_rate",
         group="training")
+    warmup_ratio: float = option(
+        0.0, "fraction of the optimizer steps over which the learning rate rises from 0 to its "
+        "peak before lr_schedule applies, as transformers' schedules with warmup",
+        group="training", ge=0.0, le=0.5)
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay", group="training",
+                                 ge=0.0, le=1.0)
+    max_grad_norm: float = option(0.0, "clip the gradient of each optimizer step to this "
+                                  "global norm (0: no clipping)", group="training", ge=0.0)
     batch_size: int = option(8, "rows per forward_backward call (per optimizer step unless "
                              "gradient_accumulation_steps is set)", group="training", ge=1,
                              le=1024)
@@ -137,6 +159,20 @@ class Common(Strict):
                 if getattr(self, name):
                     raise OptionError(name, f"{name} needs held-out data: set eval_split or "
                                       "eval_data")
+        return self
+
+    @model_validator(mode="after")
+    def _some_target(self):
+        if not (self.train_attn or self.train_mlp or self.train_unembed):
+            raise OptionError("train_attn", "at least one of train_attn, train_mlp, "
+                              "train_unembed must be on", also=("train_mlp", "train_unembed"))
+        return self
+
+    @model_validator(mode="after")
+    def _one_learning_rate(self):
+        if self.learning_rate is not None and self.learning_rate_scale is not None:
+            raise OptionError("learning_rate_scale", "give learning_rate or "
+                              "learning_rate_scale, not both", also=("learning_rate",))
         return self
 
     @model_validator(mode="after")
@@ -202,16 +238,26 @@ def field_errors(e: ValidationError, branches: tuple[str, ...]) -> tuple[str, li
 
 
 def parse_spec(raw: Any, base_dir: Path | None = None):
-    """A validated spec from a mapping; relative paths resolved against `base_dir`."""
+    """A validated spec from a mapping; relative paths resolved against `base_dir`. A config in
+    the math-tutoring package's layout (jobs/layouts.py) is translated first, and its errors
+    name the package's keys."""
     # the registry imports the job type modules, which import this one
-    from tuneforge.jobs import registry
+    from tuneforge.jobs import layouts, registry
 
+    if layouts.is_layout(raw):
+        layout = layouts.translate(raw)
+        try:
+            return parse_spec(layout.spec, base_dir)
+        except UserError as e:
+            raise layouts.package_error(e, layout) from None
     if not isinstance(raw, dict):
         message = "a job config must be a mapping (YAML or JSON object)"
         raise UserError(message, fields=[{"field": "config", "message": message}])
     if "type" not in raw:
         message = f"required, one of {', '.join(registry.names())}"
-        raise UserError(f"type: {message}", fields=[{"field": "type", "message": message}])
+        raise UserError(f"type: {message} (or a config in the tutoring package's layout: "
+                        "backend, model, data, training)",
+                        fields=[{"field": "type", "message": message}])
     try:
         spec = registry.spec_adapter().validate_python(raw)
     except ValidationError as e:
@@ -222,17 +268,23 @@ def parse_spec(raw: Any, base_dir: Path | None = None):
     return spec
 
 
-def load_spec(path: Path):
-    """Read and validate a YAML (or JSON) job config file."""
+def read_config(path: Path) -> Any:
+    """The mapping a YAML (or JSON) job config file holds, unvalidated."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
         raise UserError(f"cannot read job config {path}: {e.strerror}") from None
     try:
-        raw = yaml.safe_load(text) if path.suffix != ".json" else json.loads(text)
+        return yaml.safe_load(text) if path.suffix != ".json" else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not valid YAML/JSON: {e}") from None
+
+
+def load_spec(path: Path):
+    """Read and validate a YAML (or JSON) job config file."""
+    path = Path(path)
+    raw = read_config(path)
     if isinstance(raw, dict) and raw.get("name") is None:
         raw = {**raw, "name": path.stem}
     return parse_spec(raw, path.parent)

@@ -67,7 +67,7 @@ class Supervised:
     def step(self, tc, indices: list[int], lr: float) -> dict:
         batches = micro_batches(self.ctx.spec, [self.datums[i] for i in indices])
         futures = [tc.forward_backward(batch, "cross_entropy") for batch in batches]
-        tc.optim_step(adam(lr)).result()
+        tc.optim_step(adam(self.ctx.spec, lr)).result()
         total = sum(fut.result().metrics["loss:sum"] for fut in futures)
         # per-example mean NLL (each example's weights sum to 1)
         return {"loss": total / len(indices), "examples": len(indices)}
