@@ -5,12 +5,20 @@ share one budget. When it is exceeded, the least recently used entries not pinne
 progress leave memory: a training model is written to the offload directory exactly (tensors,
 gradients, optimizer state) and read back on its next request; on a GPU it first moves to CPU
 memory (a second budget) and only then to disk. The caller never notices but for the latency.
+
+Memory freed when a session's adapters are dropped goes back to the operating system
+(`return_free_memory`): glibc keeps freed blocks in per-thread arenas for reuse, so a server
+that trains many short-lived adapters (an atomic batch of hundreds) would otherwise grow by
+what the busiest moments needed, though nothing is held.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
+import sys
 import uuid
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -56,6 +64,24 @@ class Budget:
                 out.append(key)
                 over -= size
         return out
+
+
+def _libc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+_malloc_trim = _libc_trim()
+
+
+def return_free_memory() -> None:
+    """Give the allocator's free memory back to the operating system (glibc only)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def tensors_bytes(tensors) -> int:

@@ -25,9 +25,9 @@ from tuneforge.jobs.rundir import RunDir
 from tuneforge.jobs.runner import run_job
 from tuneforge.jobs.spec import parse_spec, spec_to_dict
 
-__all__ = ["Cancelled", "evaluate", "job_files", "listed_files", "log", "metrics", "parse",
-           "preflight", "preview", "run", "schema", "spec_json", "task_metrics", "tasks",
-           "user_code"]
+__all__ = ["Cancelled", "evaluate", "exported_adapter", "job_files", "listed_files", "log",
+           "metrics", "parse", "preflight", "preview", "run", "saved_states", "schema",
+           "spec_json", "task_metrics", "tasks", "user_code"]
 
 Spec = Any  # a validated job spec (one of the job types' models)
 
@@ -120,6 +120,19 @@ def metrics(folder: Path) -> dict:
         out["tasks"] = {p.name: RunDir(p).history() for p in _task_folders(run.path)
                         if (p / "training_history.json").exists()}
     return out
+
+
+def saved_states(folder: Path) -> list[tuple[int, str]]:
+    """(step, tinker:// state path) of each training checkpoint the job saved, in order (the
+    weights with their optimizer state, as the server stores them)."""
+    return [(int(row["step"]), row["state_path"]) for row in RunDir(folder).rows(
+        "checkpoints.jsonl") if row.get("state_path")]
+
+
+def exported_adapter(folder: Path) -> Path | None:
+    """The job's kept adapter in PEFT layout, once the job has exported it."""
+    path = Path(folder) / "adapter"
+    return path if path.is_dir() else None
 
 
 def task_metrics(folder: Path, name: str) -> dict:

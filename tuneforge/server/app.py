@@ -27,6 +27,7 @@ from tuneforge.server.routes import (
     runs,
     sampling,
     sessions,
+    skill,
     system,
     training,
     weights,
@@ -63,6 +64,7 @@ def create_app(settings: Settings, state: ServerState | None = None) -> FastAPI:
     for module in (client, sessions, training, weights, sampling, futures, runs, files, metrics,
                    jobs, run_metrics, system, oai, anthropic):
         app.include_router(module.router)
+    skill.install(app)
     console.install(app)
     _install_error_handlers(app)
     return app

@@ -12,19 +12,27 @@ Persistence: the job's row (spec, status, progress, result) is in the metadata d
 files in `data_dir/experiments/JOB_ID`. When the server stops (cleanly or not) a running job is
 left "running"; the next start picks it up again and the runner continues from the last
 checkpoint in its folder.
+
+Other front doors onto the same jobs (the agent-skill REST API, server/skill.py) submit through
+`submit` with an id prefix of their own, and may register `on_end` callbacks: each runs in the
+job's thread when the job has ended (completed, failed or cancelled while running), before the
+status says so, so what a callback writes is there once a client sees the job ended.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import secrets
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select
 
+from tuneforge.engine import residency
 from tuneforge.errors import NotFound, UserError
 from tuneforge.jobs import host
 from tuneforge.storage.db import JobRow, TrainingRunRow, utcnow
@@ -46,6 +54,7 @@ class JobManager:
         self._threads: dict[str, threading.Thread] = {}
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        self._on_end: list[Callable[[JobRow, str], None]] = []
 
     @property
     def base_url(self) -> str:
@@ -84,10 +93,16 @@ class JobManager:
         self.check_access(spec)
         return spec
 
-    def submit(self, owner: str, raw: dict) -> JobRow:
+    def on_end(self, callback: Callable[[JobRow, str], None]) -> None:
+        """Call `callback(row, status)` as each job ends (see the module docstring); an error in
+        it is logged and changes nothing about the job."""
+        self._on_end.append(callback)
+
+    def submit(self, owner: str, raw: dict, prefix: str = "job") -> JobRow:
+        """Accept a job; its id is `PREFIX-` and 12 hex digits."""
         spec = self.parse(raw)
         host.preflight(spec)
-        job_id = f"job-{secrets.token_hex(6)}"
+        job_id = f"{prefix}-{secrets.token_hex(6)}"
         row = JobRow(id=job_id, owner=owner, name=spec.name or job_id, type=spec.type,
                      spec=host.spec_json(spec), status="queued", progress={"progress": 0.0},
                      folder=str(self.root / job_id))
@@ -217,6 +232,7 @@ class JobManager:
                 host.log(folder, "server stopping: the job continues when it starts again")
                 return
             host.log(folder, "cancelled")
+            self._ended(job_id, "cancelled")
             self._finish(job_id, "cancelled")
             return
         except Exception as e:
@@ -226,9 +242,25 @@ class JobManager:
                 return
             message = e.message if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             host.log(folder, f"failed: {message}\n{traceback.format_exc()}")
+            self._ended(job_id, "failed")
             self._finish(job_id, "failed", error=message[:4000])
             return
+        self._ended(job_id, "completed")
         self._finish(job_id, "completed", result=result)
+
+    def _ended(self, job_id: str, status: str) -> None:
+        """What runs as a job ends, before its status says so."""
+        row = self.db.get(JobRow, job_id)
+        for callback in self._on_end:
+            try:
+                callback(row, status)
+            except Exception:
+                logger.exception("job %s: an end-of-job callback failed", job_id)
+        # The SDK leaves each session's one-off configuration client unclosed, in reference
+        # cycles that only a full collection frees (with their open connections); then the
+        # memory the job's sessions freed goes back to the system.
+        gc.collect()
+        residency.return_free_memory()
 
     def _wait_for_server(self, cancel: threading.Event, timeout: float = 120.0) -> None:
         """Jobs resumed at start-up begin before the server listens: wait until it answers."""
