@@ -26,8 +26,8 @@ test: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
 
 bench: setup
-	for b in step_overhead multi_tenant tenants sampling decode serving memory atomic dashboard qlora \
-		scale; do \
+	for b in step_overhead multi_tenant tenants sampling decode serving memory atomic atomic_scale \
+		dashboard qlora scale; do \
 		HF_HUB_OFFLINE=1 $(BIN)/python bench/$$b.py $(ARGS) || exit 1; done
 
 lint: setup

@@ -163,9 +163,9 @@ def test_default_learning_rate(tmp_path):
 
 
 def test_linear_schedule():
-    spec = SimpleNamespace(lr_schedule="linear")
+    spec = SimpleNamespace(lr_schedule="linear", warmup_ratio=0.0)
     assert [lr_at(spec, 1.0, s, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
-    assert lr_at(SimpleNamespace(lr_schedule="constant"), 1.0, 3, 4) == 1.0
+    assert lr_at(SimpleNamespace(lr_schedule="constant", warmup_ratio=0.0), 1.0, 3, 4) == 1.0
 
 
 def test_text_scores_and_comparison():
@@ -398,6 +398,52 @@ def test_quantization_reaches_the_tasks_of_an_atomic_batch():
                               "gradient_accumulation_steps": 2})
     assert (task.quantization, task.gradient_accumulation_steps,
             task.gradient_checkpointing) == ("nf4", 2, True)
+
+
+def test_a_task_sets_its_own_learning_rate_in_either_form():
+    from tuneforge.jobs.atomic import task_spec
+
+    rows = [{"prompt": "a", "response": "b"}]
+    scaled = parse_spec({"type": "atomic", "base_model": "tuneforge/tiny-qwen3", "tasks": [],
+                         "learning_rate_scale": 0.1})
+    fixed = parse_spec({"type": "atomic", "base_model": "tuneforge/tiny-qwen3", "tasks": [],
+                        "learning_rate": 1e-3})
+
+    def rate(task):
+        return task.learning_rate, task.learning_rate_scale
+
+    assert rate(task_spec(scaled, {"name": "t", "data": rows})) == (None, 0.1)
+    assert rate(task_spec(scaled, {"name": "t", "data": rows, "learning_rate": 2e-3})) == (
+        2e-3, None)
+    assert rate(task_spec(fixed, {"name": "t", "data": rows})) == (1e-3, None)
+    assert rate(task_spec(fixed, {"name": "t", "data": rows, "learning_rate_scale": 0.5})) == (
+        None, 0.5)
+    with pytest.raises(UserError, match="learning_rate_scale"):
+        task_spec(scaled, {"name": "t", "data": rows, "learning_rate_scale": 0})
+
+
+def test_the_atomic_lora_summary_layout(tmp_path):
+    """final_loss: the mean train loss of the epoch whose adapter is kept; epochs: trained."""
+    from tuneforge.jobs.atomic import lora_summary, summary_entry
+
+    history = [{"epoch": e, "step": 2 * e, "train_loss": loss, "eval_loss": ev}
+               for e, loss, ev in ((1, 2.0, 1.9), (2, 1.5, 1.2), (3, 1.25, 1.3))]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "training_history.json").write_text(json.dumps(history))
+    meta = {"status": "completed", "examples": 8, "train_examples": 6, "epochs_trained": 3,
+            "early_stopped": True, "best_epoch": 2, "last_train_loss": 1.1,
+            "training_seconds": 4.5}
+    best = summary_entry(meta, tmp_path / "a")
+    assert best == {"status": "success", "final_loss": 1.5, "epochs": 3,
+                    "metadata": {"num_examples": 6, "num_epochs_trained": 3,
+                                 "training_time_seconds": 4.5, "early_stopped": True}}
+    last = summary_entry({**meta, "best_epoch": None, "early_stopped": False}, tmp_path / "a")
+    assert last["final_loss"] == 1.25 and last["metadata"]["early_stopped"] is False
+    failed = summary_entry({"status": "failed", "error": "ValueError: x",
+                            "traceback": "Traceback ..."}, tmp_path / "b")
+    assert failed == {"status": "failed", "error": "ValueError: x", "traceback": "Traceback ..."}
+    assert lora_summary({"a": best, "b": failed}) == {"completed": 1, "failed": 1,
+                                                      "tasks": {"a": best, "b": failed}}
 
 
 def test_gradient_options():

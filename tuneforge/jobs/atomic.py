@@ -5,6 +5,20 @@ Each task gets its own folder under `tasks/NAME/` (config, log, metrics, checkpo
 `sft` job, with early stopping when the job sets `patience`. A task that fails records its
 traceback in its metadata; the others go on. `summary.json` lists every task. A resumed batch
 skips tasks that already finished and continues the others from their checkpoints.
+
+Beside it, `atomic_lora_training_summary.json` holds the same results in the layout of the
+atomic-LoRA workflow (a batch of per-task adapters analysed afterwards), rewritten as each task
+ends, so that a batch that stops part-way leaves the tasks done so far:
+
+    {"completed": N, "failed": M, "tasks": {NAME: {"status": "success", "final_loss": float,
+     "epochs": int, "metadata": {"num_examples": int, "num_epochs_trained": int,
+     "training_time_seconds": float, "early_stopped": bool}}, ...}}
+
+with a failed task as {"status": "failed", "error": str, "traceback": str}. As in that
+workflow, `final_loss` is the mean training loss of the epoch whose adapter is kept (the best
+held-out epoch when the task evaluates, else the last), `epochs` the epochs trained, and
+`num_examples` the examples trained on. Each epoch in a task's `training_history.json` carries
+its mean training loss also as `loss`, that workflow's name for it.
 """
 
 from __future__ import annotations
@@ -35,7 +49,8 @@ from tuneforge.jobs.spec import (
 from tuneforge.jobs.supervised import Supervised, preview_chat, train_supervised
 
 DONE = ("completed", "failed")
-TASK_OVERRIDES = ("learning_rate", "lora_rank", "epochs", "batch_size",
+SUMMARY = "atomic_lora_training_summary.json"
+TASK_OVERRIDES = ("learning_rate", "learning_rate_scale", "lora_rank", "epochs", "batch_size",
                   "gradient_accumulation_steps", "patience", "min_delta", "eval_split",
                   "eval_every", "max_length", "seed")
 
@@ -63,6 +78,10 @@ def task_spec(parent, task: dict):
     base = spec_to_dict(parent)
     for key in ("type", "tasks", "max_concurrent"):
         base.pop(key, None)
+    for one, other in (("learning_rate", "learning_rate_scale"),
+                       ("learning_rate_scale", "learning_rate")):
+        if one in task:  # a task's own learning rate replaces the batch's, in either form
+            base.pop(other, None)
     raw = {**base, **{k: v for k, v in task.items() if k in TASK_OVERRIDES}, "type": "sft",
            "name": task["name"], "data": task["data"]}
     return parse_spec(raw)
@@ -76,7 +95,15 @@ def run(ctx: JobContext) -> dict:
     finished: set[str] = set()
     lock = threading.Lock()
     started = time.monotonic()
+    entries: dict[str, dict] = {}  # the atomic-LoRA summary's, as tasks end
     ctx.run.log(f"atomic batch of {len(tasks)} tasks, {spec.max_concurrent} at a time")
+
+    def ended(name: str, meta: dict) -> None:
+        entry = summary_entry(meta, root / name)
+        with lock:
+            finished.add(name)
+            entries[name] = entry
+            ctx.run.write(SUMMARY, lora_summary(entries))
 
     def report() -> None:
         if not ctx.on_progress:
@@ -100,8 +127,7 @@ def run(ctx: JobContext) -> dict:
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             if meta.get("status") in DONE:
-                with lock:
-                    finished.add(name)
+                ended(name, meta)
                 return meta
         t0 = time.monotonic()
         meta = {"name": name, "status": "running"}
@@ -114,7 +140,11 @@ def run(ctx: JobContext) -> dict:
             train, held_out = _sft().split(tspec)
             out = train_supervised(child, Supervised(child, train, held_out, spec.train_on),
                                    tag=f"[{name}] ")
+            history = [{**h, "loss": h["train_loss"]} for h in child.run.history()]
+            child.run.write("training_history.json", history)
             meta.update(status="completed", examples=out["examples"],
+                        train_examples=len(train), learning_rate=out["learning_rate"],
+                        training_seconds=round(time.monotonic() - t0, 3),
                         epochs_trained=out["epochs_trained"], steps=out["steps"],
                         early_stopped=out["early_stopped"], best_epoch=out["best_epoch"],
                         best_eval_loss=out["best_eval_loss"],
@@ -132,8 +162,7 @@ def run(ctx: JobContext) -> dict:
                 child.close("success" if meta["status"] == "completed" else "errored")
         meta["wall_seconds"] = round(time.monotonic() - t0, 2)
         folder.write("metadata.json", meta)
-        with lock:
-            finished.add(name)
+        ended(name, meta)
         report()
         return meta
 
@@ -146,9 +175,35 @@ def run(ctx: JobContext) -> dict:
                "early_stopped": sum(bool(r.get("early_stopped")) for r in results),
                "results": [{k: v for k, v in r.items() if k != "traceback"} for r in results]}
     ctx.run.write("summary.json", summary)
+    ctx.run.write(SUMMARY, lora_summary({t["name"]: entries[t["name"]] for t in tasks}))
     ctx.run.log(f"atomic batch done: {summary['completed']} completed, {summary['failed']} "
                 f"failed, {summary['early_stopped']} stopped early")
     return {k: v for k, v in summary.items() if k != "results"}
+
+
+def summary_entry(meta: dict, folder: Path) -> dict:
+    """One task of `atomic_lora_training_summary.json` (see the module docstring), from its
+    metadata and training history."""
+    if meta["status"] != "completed":
+        return {"status": "failed", "error": meta.get("error"), "traceback": meta.get("traceback")}
+    history = RunDir(folder).history()
+    kept = meta.get("best_epoch") or (history[-1]["epoch"] if history else None)
+    losses = [h["train_loss"] for h in history if h.get("epoch") == kept]
+    epochs = int(meta["epochs_trained"])
+    return {"status": "success",
+            "final_loss": float(losses[-1] if losses else meta["last_train_loss"]),
+            "epochs": epochs,
+            "metadata": {"num_examples": int(meta.get("train_examples", meta["examples"])),
+                         "num_epochs_trained": epochs,
+                         "training_time_seconds": float(meta.get("training_seconds",
+                                                                 meta.get("wall_seconds", 0.0))),
+                         "early_stopped": bool(meta.get("early_stopped"))}}
+
+
+def lora_summary(entries: dict[str, dict]) -> dict:
+    statuses = [e["status"] for e in entries.values()]
+    return {"completed": statuses.count("success"), "failed": statuses.count("failed"),
+            "tasks": entries}
 
 
 def _sft() -> JobType:

@@ -4,13 +4,20 @@ A job talks to a tuneforge server only through the `tinker` SDK, exactly like a 
 Its training clients carry `user_metadata={"job_id": ...}` when the job has an id (a job run by
 the server), so the server's run list links each training run to the job that made it, and
 `"gradient_checkpointing": "true"` when the job asks for it (nothing when it does not, so the
-server's own setting applies).
+server's own setting applies), and `lora_alpha` / `lora_dropout` when the job sets them.
+
+Every context owns its SDK connections and `close` releases them all: the session ends (the
+server frees its models and samplers) and the HTTP clients close. Its REST client therefore runs
+over the ServiceClient's own connections, not over the SDK's process-wide ones for the API key,
+which are never closed: a job's key is its own, so each job would otherwise leave open
+connections behind for the life of the server.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +59,7 @@ class JobContext:
     spec: Any
     run: RunDir
     service: tinker.ServiceClient
-    rest: tinker.RestClient | None = None
+    rest_client: tinker.RestClient | None = None  # made on first use (see `rest`)
     cancel: threading.Event = field(default_factory=threading.Event)
     on_progress: Callable[[dict], None] | None = None
     progress: Progress = field(default_factory=Progress)
@@ -65,8 +72,18 @@ class JobContext:
                 **kw) -> JobContext:
         return cls(spec=spec, run=run,
                    service=tinker.ServiceClient(base_url=base_url, api_key=api_key),
-                   rest=tinker.RestClient(base_url=base_url, api_key=api_key),
                    base_url=base_url, api_key=api_key, **kw)
+
+    @property
+    def rest(self) -> tinker.RestClient:
+        """A RestClient over the ServiceClient's session-less connections, which `close`
+        closes. (`tinker.RestClient(base_url=..., api_key=...)` would use connections kept for
+        the life of the process, one set per API key.)"""
+        if self.rest_client is None:
+            with warnings.catch_warnings():  # deprecated for scripts, which may share the
+                warnings.simplefilter("ignore", FutureWarning)  # process-wide connections
+                self.rest_client = self.service.create_rest_client()
+        return self.rest_client
 
     @property
     def user_metadata(self) -> dict[str, str] | None:
@@ -75,11 +92,19 @@ class JobContext:
         meta = {"job_id": self.job_id} if self.job_id else {}
         if getattr(self.spec, "gradient_checkpointing", False):
             meta["gradient_checkpointing"] = "true"
+        if getattr(self.spec, "lora_alpha", None) is not None:
+            meta["lora_alpha"] = repr(float(self.spec.lora_alpha))
+        # a run loaded from a checkpoint keeps the checkpoint's dropout unless told: the job's
+        # own (even 0) wins there
+        if getattr(self.spec, "lora_dropout", 0.0) or getattr(self.spec, "load_checkpoint_path",
+                                                               None):
+            meta["lora_dropout"] = repr(float(getattr(self.spec, "lora_dropout", 0.0)))
         return meta or None
 
     def close(self, status: str) -> None:
-        """End this context's SDK session: the server frees its training models and samplers
-        (an unfinished session would hold them, and count against the key's model cap)."""
+        """End this context's SDK session (the server frees its training models and samplers;
+        an unfinished session would hold them, and count against the key's model cap) and close
+        its HTTP clients, the REST client's too."""
         try:
             self.service.close(status).result(timeout=60)
         except Exception:  # the server may be gone (stopping); nothing is lost

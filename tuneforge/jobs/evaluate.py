@@ -8,6 +8,7 @@ Google's `rouge-score` (F-measures, stemmed).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -56,8 +57,16 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".")
 
 
+@functools.cache
+def _bleu():
+    """One BLEU scorer for the process: sacrebleu caches the tokenizers of every scorer it
+    makes (`corpus_bleu` makes one per call), so one per evaluation would pile up."""
+    from sacrebleu.metrics import BLEU
+
+    return BLEU()
+
+
 def text_scores(predictions: list[str], references: list[str]) -> dict:
-    import sacrebleu
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
@@ -66,7 +75,7 @@ def text_scores(predictions: list[str], references: list[str]) -> dict:
     return {
         "exact_match": sum(normalize(p) == normalize(r)
                            for p, r in zip(predictions, references, strict=True)) / n,
-        "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
+        "bleu": _bleu().corpus_score(predictions, [references]).score,
         "rouge1": sum(s["rouge1"].fmeasure for s in rouge) / n,
         "rougeL": sum(s["rougeL"].fmeasure for s in rouge) / n,
     }

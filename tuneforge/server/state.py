@@ -2,11 +2,17 @@
 
 Lookups raise `NotFound` both for what does not exist and for what belongs to another key, so
 one key can never learn whether another key's run or checkpoint exists.
+
+The jobs this process runs are `tinker` SDK clients of this very server, which drops client
+telemetry; so their clients send none (`TINKER_TELEMETRY=0`, unless the environment sets it).
+Besides the wasted requests, the SDK keeps each closed session's telemetry, and with it that
+session's HTTP clients and an open connection, in a process-wide cache of 100 entries.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -14,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from tuneforge.engine import residency
 from tuneforge.engine.models import ModelRegistry
 from tuneforge.engine.worker import ModelInfo
 from tuneforge.errors import Gone, LimitExceeded, NotFound, UserError
@@ -37,6 +44,7 @@ ACTIVITY_WRITE_SECONDS = 10.0
 class ServerState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        os.environ.setdefault("TINKER_TELEMETRY", "0")  # see the module docstring
         data = DataDir(settings.data_dir, settings.db_url)
         self.paths, self.db, self.keys, self.default_key = (data.paths, data.db, data.keys,
                                                             data.default_key)
@@ -123,10 +131,22 @@ class ServerState:
 
         def job(engine) -> dict:
             engine.drop(prefix)
+            residency.return_free_memory()
             return {}
 
         self.scheduler.forget(prefix)
         self.scheduler.submit_everywhere("ReleaseSession", owner, job)
+        self._forget_requests(prefix)
+
+    def _forget_requests(self, prefix: str) -> None:
+        """Drop the idempotency entries of a finished session's models and samplers (keyed by
+        their ids, which start with the session's): no client of it sends again, and a server
+        that runs many short sessions would otherwise keep them up to the limit. Their answers
+        stay in the future store for its TTL."""
+        with self._dedupe_lock:
+            for key in [k for k in self._dedupe
+                        if len(k) > 1 and isinstance(k[1], str) and k[1].startswith(prefix)]:
+                del self._dedupe[key]
 
     def _forget_model(self, model_id: str) -> None:
         self.model_owners.pop(model_id, None)
