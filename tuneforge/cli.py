@@ -25,6 +25,8 @@ from tuneforge.settings import Settings
 
 
 def _serve_parser(sub) -> None:
+    from tuneforge.jobs.cli import alias_pair
+
     p = sub.add_parser(
         "serve",
         help="run the Tinker-compatible server",
@@ -49,7 +51,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward pass for every run "
                    "[TUNEFORGE_GRADIENT_CHECKPOINTING]")
-    p.add_argument("--alias", action="append", metavar="NAME=MODEL", type=_alias,
+    p.add_argument("--alias", action="append", metavar="NAME=MODEL", type=alias_pair,
                    help="serve MODEL (which may end in @nf4, @fp4 or @int8 for a quantized "
                    "copy) under NAME; repeat for several [TUNEFORGE_MODEL_ALIASES, a JSON object]")
     p.add_argument("--ray", metavar="auto|ADDRESS",
@@ -71,13 +73,6 @@ def _data_parallel(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"--data-parallel {text!r}: expected MODEL=K, "
                                          "e.g. Qwen/Qwen3-8B=2")
     return name, int(k)
-
-
-def _alias(text: str) -> tuple[str, str]:
-    name, sep, target = text.partition("=")
-    if not sep or not name or not target:
-        raise argparse.ArgumentTypeError(f"--alias {text!r}: expected NAME=MODEL")
-    return name, target
 
 
 def _data_dir_option(p) -> None:

@@ -37,7 +37,7 @@ def add_parsers(sub) -> None:
     train.add_argument("--data-dir", help="data directory of the embedded server (default "
                        "./data) [TUNEFORGE_DATA_DIR]")
     train.add_argument("--threads", type=int, help="torch threads of the embedded server")
-    train.add_argument("--alias", action="append", metavar="NAME=MODEL", type=_alias,
+    train.add_argument("--alias", action="append", metavar="NAME=MODEL", type=alias_pair,
                        help="the embedded server serves MODEL under NAME too (e.g. "
                        "qwen3:8b=tuneforge/tiny-qwen3); repeat for several "
                        "[TUNEFORGE_MODEL_ALIASES]")
@@ -74,7 +74,8 @@ def add_parsers(sub) -> None:
                     "(default: the held-out split)")
 
 
-def _alias(text: str) -> tuple[str, str]:
+def alias_pair(text: str) -> tuple[str, str]:
+    """An --alias NAME=MODEL argument (`tuneforge serve` takes the same)."""
     name, sep, model = text.partition("=")
     if not sep or not name or not model:
         raise argparse.ArgumentTypeError(f"--alias {text!r}: expected NAME=MODEL")
@@ -213,7 +214,7 @@ def _train(spec, out: Path, url: str, key: str | None, after=None) -> int:
                              on_progress=progress)
     try:
         result = run_job(ctx)
-        bar.close()
+        bar.close()  # (before the summary is printed; closing twice is harmless)
         print(summary_text(result, out))
         if after is not None:
             after(ctx, result)

@@ -15,9 +15,9 @@ learns those answers without the skill. This module holds that door's decisions:
 - `job_spec`: a start request's body (its fields checked by name) and the settings as a job
   spec. `adapter_type: lora` trains on the base as served (the quant-bits setting applies to
   qlora only, as in that project); `qlora` on the 4-bit (nf4) or 8-bit (int8) copy.
-- `status_json` / `status_word`: a job as that API shows it (progress 0-1, epochs, latest
-  loss; its statuses queued, running, completed, failed, and cancelled for a job stopped
-  through the job API).
+- `status_json`: a job as that API shows it (progress 0-1, epochs, latest loss; the job
+  manager's statuses, which are that API's: queued, running, completed, failed, and cancelled
+  for a job stopped through the job API).
 - `write_layout`: that project's checkpoint folders, `CHECKPOINT_DIR/JOB_ID/checkpoint-STEP/`
   (adapter and `optimizer.pt`) and `final/` (the kept adapter), made from what the job saved:
   its training checkpoints as the server stores them and the adapter it exported, hard-linked
@@ -46,8 +46,6 @@ PREFIX = "SKILL_ADAPTER_"
 ID_PREFIX = "train"
 # that project's service settings: accepted in the environment, unused by this server
 FOREIGN = {"API_HOST", "API_PORT", "REDIS_URL", "JUDGE_MODEL", "SKILLS_DIR", "INFERENCE_URL"}
-STATUS = {"queued": "queued", "running": "running", "completed": "completed",
-          "failed": "failed", "cancelled": "cancelled"}
 LAYOUT_FILES = (ckpt_files.ADAPTER_FILE, ckpt_files.CONFIG_FILE, ckpt_files.OPTIMIZER_FILE)
 
 
@@ -151,26 +149,18 @@ def _body(raw: dict) -> StartBody:
 
 def check_model(state, name: str) -> None:
     """Refuse a base model this server cannot serve without downloading it while offline."""
-    registry = state.registry
-    if name in registry.offered() or name in registry.loaded():
-        return
-    path = Path(name).expanduser()
-    if (path.is_absolute() or name.startswith(".")) and (path / "config.json").exists():
-        return
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE:
         return  # the job downloads it, as any job would
     try:
-        cached = try_to_load_from_cache(name, "config.json")
-    except Exception:  # not a valid repo id
-        cached = None
-    if isinstance(cached, str):
-        return
-    message = (f"{name!r} (SKILL_ADAPTER_MODEL) is not served here and the Hugging Face hub is "
-               f"offline; offered models: {', '.join(registry.offered())} (set "
-               "SKILL_ADAPTER_MODEL, or TUNEFORGE_MODEL_ALIASES to serve it under that name)")
-    raise UserError(f"model: {message}", fields=[{"field": "model", "message": message}])
+        state.registry.resolve(name)
+    except UserError as e:
+        message = (f"{name!r} (SKILL_ADAPTER_MODEL) is not served here and the Hugging Face "
+                   f"hub is offline ({e.message}); set SKILL_ADAPTER_MODEL, or "
+                   "TUNEFORGE_MODEL_ALIASES to serve it under that name")
+        raise UserError(f"model: {message}",
+                        fields=[{"field": "model", "message": message}]) from None
 
 
 def job_spec(state, settings: SkillSettings, raw: dict) -> dict:
@@ -222,15 +212,11 @@ def iso(when: dt.datetime | None) -> str | None:
     return when.isoformat(timespec="seconds") + "Z"
 
 
-def status_word(status: str) -> str:
-    return STATUS.get(status, status)
-
-
 def status_json(row) -> dict:
     progress = row.progress or {}
     loss = progress.get("loss")
     return {
-        "job_id": row.id, "status": status_word(row.status),
+        "job_id": row.id, "status": row.status,
         "progress": float(progress.get("progress") or 0.0),
         "current_epoch": int(progress.get("epoch") or 0),
         "total_epochs": int(row.spec.get("epochs", 1)),
@@ -251,7 +237,7 @@ def evaluation_json(row, evaluated: dict) -> dict:
     spec = row.spec
     held_out = bool(spec.get("eval_split")) or spec.get("eval_data") is not None
     return {
-        "job_id": row.id, "status": status_word(row.status),
+        "job_id": row.id, "status": row.status,
         "split": "held-out" if held_out else "train",
         "num_examples": int(evaluated["examples"]),
         "accuracy": float(report.get("exact_match", 0.0)),

@@ -50,7 +50,7 @@ def _settings(request: Request) -> skill.SkillSettings:
 async def start_training(state: State, owner: Owner, request: Request, body: JsonBody) -> dict:
     spec = await asyncio.to_thread(skill.job_spec, state, _settings(request), body)
     row = await asyncio.to_thread(state.jobs.submit, owner, spec, skill.ID_PREFIX)
-    return {"job_id": row.id, "status": skill.status_word(row.status),
+    return {"job_id": row.id, "status": row.status,
             "created_at": skill.iso(row.created_at)}
 
 
@@ -74,7 +74,7 @@ async def evaluate_training(state: State, owner: Owner, job_id: str, request: Re
                         fields=[{"field": name, "message": "unknown field"} for name in body])
     row = state.jobs.get(owner, job_id)
     if row.status != "completed":
-        message = f"the job is {skill.status_word(row.status)}; evaluate it once it completes"
+        message = f"the job is {row.status}; evaluate it once it completes"
         raise UserError(f"job_id: {message}", fields=[{"field": "job_id", "message": message}])
     _, _, token = request.headers.get("authorization", "").partition(" ")
     api_key = request.headers.get("x-api-key") or token.strip()

@@ -60,19 +60,20 @@ def gradient_checkpointing(user_metadata: dict) -> bool:
     return text == "true"
 
 
-# user_metadata keys of a run's LoRA options: (what the value must be, the test it must pass)
+# user_metadata keys of a run's LoRA options: (the engine's name for it, what the value must
+# be, the test it must pass)
 _LORA_OPTIONS = {
-    "lora_alpha": ("a number > 0", lambda v: v > 0),
-    "lora_dropout": ("a number in the range [0, 1)", lambda v: 0 <= v < 1),
+    "lora_alpha": ("alpha", "a number > 0", lambda v: v > 0),
+    "lora_dropout": ("dropout", "a number in the range [0, 1)", lambda v: 0 <= v < 1),
 }
 
 
 def lora_options(user_metadata: dict) -> dict[str, float]:
     """A run's LoRA alpha and dropout, asked for with user_metadata lora_alpha / lora_dropout
     (the SDK has no field for them), as PEFT's `LoraConfig.lora_alpha` / `lora_dropout`: only
-    the keys given, each checked."""
+    the keys given, each checked, under the engine's names (`alpha`, `dropout`)."""
     out = {}
-    for key, (what, ok) in _LORA_OPTIONS.items():
+    for key, (name, what, ok) in _LORA_OPTIONS.items():
         if key not in user_metadata:
             continue
         value = user_metadata[key]
@@ -82,7 +83,7 @@ def lora_options(user_metadata: dict) -> dict[str, float]:
             number = math.nan
         if not (math.isfinite(number) and ok(number)):
             raise UserError(f"user_metadata.{key} must be {what}, got {value!r}")
-        out[key] = number
+        out[name] = number
     return out
 
 
@@ -110,8 +111,8 @@ def create_model(state: State, owner: Owner, body: JsonBody) -> dict:
             lc = req.lora_config or types.LoraConfig(rank=32)
             seed = lc.seed if lc.seed is not None else state.seeds.lora()
             config = LoRAConfig(rank=lc.rank,
-                                alpha=options.get("lora_alpha", state.settings.lora_alpha),
-                                dropout=options.get("lora_dropout", 0.0),
+                                alpha=options.get("alpha", state.settings.lora_alpha),
+                                dropout=options.get("dropout", 0.0),
                                 train_attn=lc.train_attn, train_mlp=lc.train_mlp,
                                 train_unembed=lc.train_unembed, seed=seed)
             info = engine.create_model(model_id, req.base_model, config, checkpoint)

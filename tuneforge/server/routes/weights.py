@@ -161,8 +161,7 @@ def _create_via_load(state: ServerState, owner: str, req: types.LoadWeightsReque
     metadata = wire.check_metadata(req.user_metadata, "user_metadata")
     checkpoint = gradient_checkpointing(metadata)
     # the checkpoint's alpha and dropout unless asked otherwise (only dropout may change)
-    options = {{"lora_alpha": "alpha", "lora_dropout": "dropout"}[k]: v
-               for k, v in lora_options(metadata).items()}
+    options = lora_options(metadata)
     model_id = model_id_for(req.session_id, req.model_seq_id)
 
     def submit():
